@@ -1,0 +1,1 @@
+"""esper_soa: batched, compiled seed-lifecycle environment engine (see README.md)."""

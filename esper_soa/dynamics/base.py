@@ -1,0 +1,43 @@
+"""Host-dynamics backend contract (SPEC §11).
+
+A backend advances every env one host epoch given the slot state and returns a flat dict of
+tensors named by :data:`METRIC_FIELDS`. ``record_epoch`` (lifecycle) is the only consumer, so any
+backend that fills these fields plugs into the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from esper_soa.state import State
+
+# name -> (dtype, per-slot?)  Per-env fields are [E]; per-slot fields are [E, S].
+METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
+    "val_loss": (torch.float32, False),
+    "val_acc": (torch.float32, False),  # percent
+    "acc_all_seeds_off": (torch.float32, False),  # val_acc with every seed's alpha forced to 0
+    "host_params": (torch.float32, False),
+    "diverged": (torch.bool, False),  # catastrophic divergence reported by the backend
+    "acc_without_slot": (torch.float32, True),  # val_acc with this slot's alpha forced to 0
+    "interaction_sum": (torch.float32, True),  # sum of pairwise interaction terms with other slots
+    "gradient_norm": (torch.float32, True),
+    "gradient_health": (torch.float32, True),  # in [0, 1]
+    "gradient_ratio": (torch.float32, True),  # seed grad norm / host grad norm
+    "has_vanishing": (torch.bool, True),
+    "has_exploding": (torch.bool, True),
+}
+
+
+class DynamicsBackend(Protocol):
+    """What the engine needs from host dynamics. ``aux`` is backend-owned per-env state."""
+
+    def init_aux(self, n_envs: int, seed: int) -> dict[str, torch.Tensor]:
+        """Fresh backend state for ``n_envs`` envs (RNG streams, latent host/seed parameters)."""
+
+    def reset_aux(self, aux: dict, rows: torch.Tensor, episode_seed: torch.Tensor) -> dict:
+        """Re-draw backend state for the envs in ``rows`` only, others untouched."""
+
+    def advance(self, state: State, aux: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """One host epoch for every env: returns (metrics, new aux)."""

@@ -1,0 +1,296 @@
+"""Seed lifecycle transitions (SPEC §5, §6, §8) and record-epoch, branch-free over envs and slots.
+
+Every function takes the nested state dict (see ``state.py``) and returns a new one; work is
+expressed as per-slot selection masks and ``torch.where`` writes, so one compiled graph serves
+every env and slot whatever their stages. Decisions the SPEC leaves open are in
+``docs/SEMANTICS.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esper_soa.alpha import hold_at, retarget, tick_alpha
+from esper_soa.config import EngineConfig
+from esper_soa.spec import (
+    ALPHA_ATOL,
+    EMBARGO_EPOCHS,
+    G2_MIN_EPOCHS,
+    G2_MIN_HEALTH,
+    G2_STRICT_GRAD_RATIO,
+    G2_STRICT_IMPROVEMENT,
+    G3_STRICT_MIN_EPOCHS,
+    G5_STRICT_CONTRIBUTION,
+    GRADIENT_STAGES,
+    HEAD_NAMES,
+    LIVE_STAGES,
+    RESETTING_EPOCHS,
+    AlphaMode,
+    Op,
+    SpecTables,
+    Stage,
+    head_sizes,
+)
+from esper_soa.state import State, neutral_slots_like, update, where_slots
+
+
+def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
+    """Elementwise membership of stage codes in a static set."""
+    out = stage == int(stages[0])
+    for s in stages[1:]:
+        out = out | (stage == int(s))
+    return out
+
+
+def _copy(state: State) -> tuple[State, State]:
+    """Shallow copies of the env dict and its slot dict, so updates never touch the input."""
+    st = dict(state)
+    st["slots"] = dict(state["slots"])
+    return st, st["slots"]
+
+
+def move(slots: State, sel: torch.Tensor, stage: Stage, val_acc: torch.Tensor) -> None:
+    """Stage transition where ``sel``: keep the previous stage, restart the stage clock."""
+    update(
+        slots,
+        sel,
+        previous_stage=slots["stage"],
+        previous_epochs_in_stage=slots["epochs_in_stage"],
+        epochs_in_stage=0,
+        accuracy_at_stage_start=val_acc[:, None].expand_as(slots["alpha"]),
+        stage=int(stage),
+    )
+
+
+# --- gates (SPEC §8) ---------------------------------------------------------------------------
+def gate_g2(st: State, cfg: EngineConfig) -> torch.Tensor:
+    sl = st["slots"]
+    ok = (
+        (sl["epochs_in_stage"] >= G2_MIN_EPOCHS)
+        & sl["gradient_measured"]
+        & ~sl["has_exploding"]
+        & (sl["gradient_health"] >= G2_MIN_HEALTH)
+    )
+    if cfg.strict_gates:
+        improvement = st["val_acc"][:, None] - sl["accuracy_at_stage_start"]
+        ok = ok & (improvement >= G2_STRICT_IMPROVEMENT) & (sl["gradient_ratio"] >= G2_STRICT_GRAD_RATIO)
+    return ok
+
+
+def gate_g3(st: State, cfg: EngineConfig) -> torch.Tensor:
+    sl = st["slots"]
+    ok = (
+        (sl["alpha_target"] >= 1.0 - ALPHA_ATOL)
+        & ((sl["alpha"] - sl["alpha_target"]).abs() <= ALPHA_ATOL)
+        & (sl["alpha_mode"] == int(AlphaMode.HOLD))
+    )
+    if cfg.strict_gates:
+        ok = ok & (sl["epochs_in_stage"] >= G3_STRICT_MIN_EPOCHS)
+    return ok
+
+
+def gate_g5(st: State, cfg: EngineConfig) -> torch.Tensor:
+    sl = st["slots"]
+    ok = sl["contribution_measured"]
+    if cfg.strict_gates:
+        ok = ok & (sl["contribution"] >= G5_STRICT_CONTRIBUTION)
+    return ok
+
+
+def advance(st: State, sel: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
+    """ADVANCE effect where ``sel`` (G1/G2/G3 by stage); returns the slots that moved."""
+    sl = st["slots"]
+    stage = sl["stage"]
+    g1 = sel & (stage == int(Stage.GERMINATED))
+    g2 = sel & (stage == int(Stage.TRAINING)) & gate_g2(st, cfg)
+    g3 = sel & (stage == int(Stage.BLENDING)) & gate_g3(st, cfg)
+    move(sl, g1, Stage.TRAINING, st["val_acc"])
+    move(sl, g2, Stage.BLENDING, st["val_acc"])
+    retarget(
+        sl,
+        g2,
+        sl["germination_alpha_target"],
+        sl["tempo"],
+        sl["alpha_curve"],
+        sl["alpha_steepness"],
+    )
+    move(sl, g3, Stage.HOLDING, st["val_acc"])
+    hold_at(sl, g3, 1.0)
+    return g1 | g2 | g3
+
+
+# --- actions (SPEC §5) -------------------------------------------------------------------------
+def action_in_range(action: dict[str, torch.Tensor], n_slots: int) -> torch.Tensor:
+    """[E] bool: every head index is within its range (out-of-range executes as WAIT)."""
+    sizes = head_sizes(n_slots)
+    ok = torch.ones_like(action["op"], dtype=torch.bool)
+    for name in HEAD_NAMES:
+        ok = ok & (action[name] >= 0) & (action[name] < sizes[name])
+    return ok
+
+
+def apply_op(
+    state: State,
+    action: dict[str, torch.Tensor],
+    slot_by_op: torch.Tensor,
+    tables: SpecTables,
+    cfg: EngineConfig,
+) -> tuple[State, torch.Tensor, torch.Tensor]:
+    """Execute each env's op on its target slot.
+
+    ``slot_by_op`` is the pre-action ``[E, 6, S]`` validity mask. Returns (state, executed op
+    [E] int64, success [E] float32); invalid or out-of-range actions execute WAIT with success 0.
+    """
+    st, sl = _copy(state)
+    n_envs, n_slots = sl["stage"].shape
+    sizes = head_sizes(n_slots)
+    h = {k: action[k].clamp(0, sizes[k] - 1) for k in HEAD_NAMES}
+    valid_slot = slot_by_op.gather(1, h["op"][:, None, None].expand(n_envs, 1, n_slots)).squeeze(1)
+    valid = valid_slot.gather(1, h["slot"][:, None]).squeeze(1) & action_in_range(action, n_slots)
+    valid = valid & ((h["op"] != int(Op.GERMINATE)) | tables.blueprint_valid[h["blueprint"]])
+    op = torch.where(valid, h["op"], torch.zeros_like(h["op"]))
+    target = (torch.arange(n_slots, device=op.device)[None, :] == h["slot"][:, None]) & valid[:, None]
+    col = {k: v[:, None] for k, v in h.items()}  # [E, 1] views that broadcast over slots
+    val_acc = st["val_acc"]
+
+    def on(o: Op) -> torch.Tensor:
+        return target & (op == int(o))[:, None]
+
+    # GERMINATE
+    sel = on(Op.GERMINATE)
+    curve = tables.style_curve[col["style"]]
+    move(sl, sel, Stage.GERMINATED, val_acc)
+    update(
+        sl,
+        sel,
+        blueprint=col["blueprint"],
+        algorithm=tables.style_algorithm[col["style"]],
+        tempo=tables.tempo_epochs[col["tempo"]],
+        germination_alpha_target=tables.alpha_targets[col["alpha_target"]],
+        seed_age=0,
+        germination_epoch=st["epoch"][:, None],
+        accuracy_at_germination=val_acc[:, None],
+        seed_params=tables.blueprint_params.T[h["blueprint"]],
+        pending_prune=False,
+    )
+    hold_at(sl, sel, 0.0)
+    update(sl, sel, alpha_curve=curve, alpha_steepness=tables.curve_steepness[curve])
+
+    # SET_ALPHA_TARGET
+    sel = on(Op.SET_ALPHA_TARGET)
+    target_alpha = tables.alpha_targets[col["alpha_target"]]
+    speed = tables.alpha_speed_ticks[col["alpha_speed"]]
+    steepness = tables.curve_steepness[col["alpha_curve"]]
+    move(sl, sel & (sl["stage"] == int(Stage.HOLDING)) & (target_alpha < 1.0), Stage.BLENDING, val_acc)
+    update(sl, sel, algorithm=tables.style_algorithm[col["style"]])
+    retarget(sl, sel, target_alpha, speed, col["alpha_curve"], steepness)
+
+    # PRUNE
+    sel = on(Op.PRUNE)
+    instant = sel & ((speed <= 0) | (sl["alpha"] <= 0))
+    move(sl, instant, Stage.PRUNED, val_acc)
+    hold_at(sl, instant, 0.0)
+    update(sl, instant, pending_prune=False)
+    ramp = sel & ~instant
+    move(sl, ramp & (sl["stage"] == int(Stage.HOLDING)), Stage.BLENDING, val_acc)
+    retarget(sl, ramp, torch.zeros_like(sl["alpha"]), speed, col["alpha_curve"], steepness)
+    update(sl, ramp, pending_prune=True)
+
+    # FOSSILIZE
+    sel = on(Op.FOSSILIZE)
+    fossilized = sel & gate_g5(st, cfg)
+    move(sl, fossilized, Stage.FOSSILIZED, val_acc)
+    hold_at(sl, fossilized, 1.0)
+    st["n_fossilized"] = st["n_fossilized"] + fossilized.sum(1)
+
+    # ADVANCE
+    advanced = advance(st, on(Op.ADVANCE), cfg)
+
+    gate_failed = ((op == int(Op.FOSSILIZE)) & ~fossilized.any(1)) | ((op == int(Op.ADVANCE)) & ~advanced.any(1))
+    success = (valid & ~gate_failed).to(torch.float32)
+    st["last_op"] = op
+    st["last_action_success"] = success
+    return st, op, success
+
+
+# --- per-epoch tick (SPEC §6) ------------------------------------------------------------------
+def tick(state: State, cfg: EngineConfig) -> State:
+    """Advance every slot's clocks by one epoch, run embargo/reset and the alpha controller."""
+    st, sl = _copy(state)
+    val_acc = st["val_acc"]
+    pruned = sl["stage"] == int(Stage.PRUNED)
+    move(sl, pruned, Stage.EMBARGOED, val_acc)
+
+    auto = (
+        (Stage.GERMINATED, cfg.auto_forward_g1),
+        (Stage.TRAINING, cfg.auto_forward_g2),
+        (Stage.BLENDING, cfg.auto_forward_g3),
+    )
+    auto_stages = tuple(stage for stage, on in auto if on)
+    if auto_stages:  # static config, not data-dependent
+        advance(st, stage_in(sl["stage"], auto_stages) & ~pruned, cfg)
+
+    stage = sl["stage"]
+    ticking = ~pruned & stage_in(stage, LIVE_STAGES + (Stage.EMBARGOED, Stage.RESETTING))
+    sl["epochs_in_stage"] = sl["epochs_in_stage"] + ticking.to(torch.int64)
+    sl["seed_age"] = sl["seed_age"] + ticking.to(torch.int64)
+    ticking_embargo = ticking & (stage == int(Stage.EMBARGOED)) & (sl["epochs_in_stage"] >= EMBARGO_EPOCHS)
+    ticking_reset = ticking & (stage == int(Stage.RESETTING)) & (sl["epochs_in_stage"] >= RESETTING_EPOCHS)
+    move(sl, ticking_embargo, Stage.RESETTING, val_acc)
+    st["slots"] = sl = where_slots(ticking_reset, neutral_slots_like(sl), sl)
+
+    blending = sl["stage"] == int(Stage.BLENDING)
+    tick_alpha(sl, blending)
+    prune_done = blending & sl["pending_prune"] & (sl["alpha_mode"] == int(AlphaMode.HOLD))
+    move(sl, prune_done, Stage.PRUNED, val_acc)
+    update(sl, prune_done, pending_prune=False)
+    return st
+
+
+# --- record-epoch (SPEC §4 step 5) -------------------------------------------------------------
+def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
+    """Write one epoch of dynamics metrics into the state (histories, counterfactuals, grads)."""
+    st, sl = _copy(state)
+    val_acc = metrics["val_acc"]
+    for name in ("val_loss", "val_acc", "acc_all_seeds_off", "host_params"):
+        st[name] = metrics[name].to(st[name].dtype)
+    st["loss_history"] = torch.cat([st["loss_history"][:, 1:], metrics["val_loss"][:, None]], dim=1)
+    st["acc_history"] = torch.cat([st["acc_history"][:, 1:], val_acc[:, None]], dim=1)
+    st["history_len"] = (st["history_len"] + 1).clamp(max=st["loss_history"].shape[1])
+
+    live = stage_in(sl["stage"], LIVE_STAGES)
+    measured = live & (sl["alpha"] > 0)
+    was_measured = sl["contribution_measured"]
+    new_c = val_acc[:, None] - metrics["acc_without_slot"]
+    update(
+        sl,
+        ~measured & was_measured,
+        epochs_since_measurement=sl["epochs_since_measurement"] + 1,
+    )
+    update(
+        sl,
+        measured,
+        contribution_velocity=torch.where(was_measured, new_c - sl["contribution"], torch.zeros_like(new_c)),
+        previous_contribution=sl["contribution"],
+        contribution=new_c,
+        interaction_sum=metrics["interaction_sum"],
+        contribution_measured=True,
+        epochs_since_measurement=0,
+    )
+
+    graded = stage_in(sl["stage"], GRADIENT_STAGES)
+    update(
+        sl,
+        graded,
+        previous_gradient_health=torch.where(
+            sl["gradient_measured"], sl["gradient_health"], torch.full_like(sl["gradient_health"], -1.0)
+        ),
+        gradient_norm=metrics["gradient_norm"],
+        gradient_health=metrics["gradient_health"],
+        gradient_ratio=metrics["gradient_ratio"],
+        has_vanishing=metrics["has_vanishing"],
+        has_exploding=metrics["has_exploding"],
+        gradient_measured=True,
+    )
+    return st
+

@@ -1,0 +1,73 @@
+"""Action masks (SPEC §9), computed from the state in the same compiled graph as the step.
+
+``slot_by_op`` is the primary mask: per (env, op, slot) validity of §5. Everything else is
+derived from it, so the op mask, the hierarchical slot mask and the executed-op check can
+never disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esper_soa.config import EngineConfig
+from esper_soa.lifecycle import stage_in
+from esper_soa.spec import (
+    ADVANCEABLE_STAGES,
+    ALPHA_TARGET_DEFAULT,
+    ALPHA_TARGETS,
+    GERMINATE_BLOCKING_STAGES,
+    MIN_PRUNE_AGE,
+    PRUNABLE_STAGES,
+    STYLE_DEFAULT,
+    AlphaCurve,
+    AlphaMode,
+    Op,
+    SpecTables,
+    Stage,
+    Style,
+    TEMPO_EPOCHS,
+    ALPHA_SPEED_TICKS,
+)
+from esper_soa.state import State
+
+
+def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """All action masks as ``[E, n]`` bool tensors plus ``slot_by_op`` ``[E, 6, S]``."""
+    sl = state["slots"]
+    stage = sl["stage"]
+    n_envs = stage.shape[0]
+    enabled = tables.slot_enabled[None, :].expand_as(stage)
+    has_seed = (stage != int(Stage.DORMANT)) & (stage != int(Stage.UNKNOWN))
+    blocked = (stage_in(stage, GERMINATE_BLOCKING_STAGES) & enabled).any(1)
+    env_ok = ~blocked
+    if cfg.max_seeds > 0:
+        env_ok = env_ok & (has_seed.sum(1) < cfg.max_seeds)
+    holding_mode = sl["alpha_mode"] == int(AlphaMode.HOLD)
+    germinate = enabled & (stage == int(Stage.DORMANT)) & env_ok[:, None]
+    set_alpha = enabled & stage_in(stage, (Stage.BLENDING, Stage.HOLDING)) & holding_mode
+    prune = enabled & stage_in(stage, PRUNABLE_STAGES) & (sl["seed_age"] >= MIN_PRUNE_AGE) & holding_mode
+    fossilize = enabled & (stage == int(Stage.HOLDING))
+    advance = enabled & stage_in(stage, ADVANCEABLE_STAGES)
+    if cfg.all_auto_forward:
+        advance = torch.zeros_like(advance)
+    slot_by_op = torch.stack([enabled, germinate, set_alpha, prune, fossilize, advance], dim=1)
+    op = slot_by_op.any(dim=2)
+
+    def full(n: int) -> torch.Tensor:
+        return torch.ones(n_envs, n, dtype=torch.bool, device=stage.device)
+
+    def all_or_default(flag: torch.Tensor, n: int, default: int) -> torch.Tensor:
+        idx = torch.arange(n, device=stage.device)[None, :]
+        return flag[:, None] | (idx == default)
+
+    styled = op[:, int(Op.GERMINATE)] | op[:, int(Op.SET_ALPHA_TARGET)]
+    return {
+        "op": op,
+        "slot_by_op": slot_by_op,
+        "blueprint": tables.blueprint_valid[None, :].expand(n_envs, -1),
+        "style": all_or_default(styled, len(Style), int(STYLE_DEFAULT)),
+        "tempo": full(len(TEMPO_EPOCHS)),
+        "alpha_target": all_or_default(styled, len(ALPHA_TARGETS), ALPHA_TARGET_DEFAULT),
+        "alpha_speed": full(len(ALPHA_SPEED_TICKS)),
+        "alpha_curve": full(len(AlphaCurve)),
+    }

@@ -1,0 +1,254 @@
+"""Spec tables as code: the single source of truth for SPEC.md §2 and its constants.
+
+Integer codes are part of the contract (SPEC §2). Everything else in the package (the batched
+engine, the reference oracle, the policy) reads the enums and constants from here; the batched
+engine additionally reads the tensor lookup tables built by :class:`SpecTables`.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+
+import torch
+
+
+class Stage(IntEnum):
+    UNKNOWN = 0
+    DORMANT = 1
+    GERMINATED = 2
+    TRAINING = 3
+    BLENDING = 4
+    HOLDING = 6
+    FOSSILIZED = 7
+    PRUNED = 8
+    EMBARGOED = 9
+    RESETTING = 10
+
+
+N_STAGE_CODES = 11  # codes 0..10 (5 unused)
+N_STAGE_ONEHOT = 10
+
+
+def stage_onehot_index(code: int) -> int:
+    """Index of a stage code in the 10-dim one-hot (code for 0..4, code-1 for 6..10)."""
+    return code if code <= 4 else code - 1
+
+
+class Op(IntEnum):
+    WAIT = 0
+    GERMINATE = 1
+    SET_ALPHA_TARGET = 2
+    PRUNE = 3
+    FOSSILIZE = 4
+    ADVANCE = 5
+
+
+class Blueprint(IntEnum):
+    NOOP = 0
+    CONV_LIGHT = 1
+    ATTENTION = 2
+    NORM = 3
+    DEPTHWISE = 4
+    BOTTLENECK = 5
+    CONV_SMALL = 6
+    CONV_HEAVY = 7
+    LORA = 8
+    LORA_LARGE = 9
+    MLP_SMALL = 10
+    MLP = 11
+    FLEX_ATTENTION = 12
+
+
+class Style(IntEnum):
+    LINEAR_ADD = 0
+    LINEAR_MULTIPLY = 1
+    SIGMOID_ADD = 2
+    GATED_GATE = 3
+
+
+class AlphaCurve(IntEnum):
+    LINEAR = 0
+    COSINE = 1
+    SIGMOID_GENTLE = 2
+    SIGMOID = 3
+    SIGMOID_SHARP = 4
+
+
+class AlphaMode(IntEnum):
+    HOLD = 0
+    UP = 1
+    DOWN = 2
+
+
+class AlphaAlgorithm(IntEnum):
+    NONE = 0  # neutral value of an empty slot
+    ADD = 1
+    MULTIPLY = 2
+    GATE = 3
+
+
+# --- head value tables (index -> value) -------------------------------------------------------
+TEMPO_EPOCHS = (3, 5, 8)  # FAST, STANDARD, SLOW
+ALPHA_TARGETS = (0.5, 0.7, 1.0)  # HALF, SEVENTY, FULL
+ALPHA_SPEED_TICKS = (0, 3, 5, 8)  # INSTANT, FAST, MEDIUM, SLOW
+CURVE_STEEPNESS = (0.0, 0.0, 6.0, 12.0, 24.0)  # k per AlphaCurve (0 = not a sigmoid)
+# Style -> (initial ramp curve, blend algorithm)
+STYLE_CURVE = (AlphaCurve.LINEAR, AlphaCurve.LINEAR, AlphaCurve.SIGMOID, AlphaCurve.LINEAR)
+STYLE_ALGORITHM = (
+    AlphaAlgorithm.ADD,
+    AlphaAlgorithm.MULTIPLY,
+    AlphaAlgorithm.ADD,
+    AlphaAlgorithm.GATE,
+)
+STYLE_DEFAULT = Style.SIGMOID_ADD  # the only style left unmasked when no op uses the head
+ALPHA_TARGET_DEFAULT = 2  # FULL
+
+# Action heads in contract order (SPEC §2). The slot head's size is the configured S.
+HEAD_NAMES = ("op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+FIXED_HEAD_SIZES = {
+    "op": len(Op),
+    "blueprint": len(Blueprint),
+    "style": len(Style),
+    "tempo": len(TEMPO_EPOCHS),
+    "alpha_target": len(ALPHA_TARGETS),
+    "alpha_speed": len(ALPHA_SPEED_TICKS),
+    "alpha_curve": len(AlphaCurve),
+}
+
+
+def head_sizes(n_slots: int) -> dict[str, int]:
+    """Number of categories of every action head, in contract order."""
+    return {name: (n_slots if name == "slot" else FIXED_HEAD_SIZES[name]) for name in HEAD_NAMES}
+
+
+# Causal relevance of heads per op (SPEC §9): rows = op, in HEAD_NAMES order.
+_RELEVANT_HEADS = {
+    Op.WAIT: {"op"},
+    Op.GERMINATE: {"op", "slot", "blueprint", "tempo", "style", "alpha_target"},
+    Op.SET_ALPHA_TARGET: {"op", "slot", "style", "alpha_target", "alpha_speed", "alpha_curve"},
+    Op.PRUNE: {"op", "slot", "alpha_speed", "alpha_curve"},
+    Op.FOSSILIZE: {"op", "slot"},
+    Op.ADVANCE: {"op", "slot"},
+}
+HEAD_RELEVANCE = tuple(tuple(h in _RELEVANT_HEADS[op] for h in HEAD_NAMES) for op in Op)
+
+# --- lifecycle constants ----------------------------------------------------------------------
+MIN_PRUNE_AGE = 5
+EMBARGO_EPOCHS = 5
+RESETTING_EPOCHS = 1
+G2_MIN_EPOCHS = 10
+G2_MIN_HEALTH = 0.7
+G2_STRICT_IMPROVEMENT = 0.5  # percentage points
+G2_STRICT_GRAD_RATIO = 0.10
+G3_STRICT_MIN_EPOCHS = 10
+G5_STRICT_CONTRIBUTION = 1.0  # percentage points
+ALPHA_ATOL = 1e-6
+HISTORY_LEN = 5
+OBS_BASE = 23
+OBS_SLOT = 31
+CF_FRESHNESS_DECAY = 0.995
+GAMMA = 0.995
+
+LIVE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
+PRUNABLE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
+ADVANCEABLE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING)
+GERMINATE_BLOCKING_STAGES = (
+    Stage.GERMINATED,
+    Stage.TRAINING,
+    Stage.PRUNED,
+    Stage.EMBARGOED,
+    Stage.RESETTING,
+)
+GRADIENT_STAGES = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)  # stages whose seed trains
+
+# --- topology and blueprints ------------------------------------------------------------------
+TOPOLOGY_BLUEPRINTS = {
+    "cnn": (1, 2, 3, 4, 5, 6, 7),
+    "transformer": (2, 3, 8, 9, 10, 11, 12),
+}
+# Default slot widths (channels for cnn, model dim for transformer); slot i uses widths[i % len].
+DEFAULT_SLOT_WIDTHS = {"cnn": (32, 64, 128), "transformer": (128,)}
+
+
+def blueprint_params(blueprint: int, width: int) -> int:
+    """Parameter count of a blueprint inserted at a slot of the given width.
+
+    Formulas follow the module each blueprint names (3x3 convs with a norm, SE-style attention,
+    rank-8/32 adapters, 1x/4x MLPs, q/k/v/o projections); they are what the rent term prices.
+    """
+    c = width
+    q = max(c // 4, 1)
+    table = {
+        Blueprint.NOOP: 0,
+        Blueprint.CONV_LIGHT: 9 * c * c + 2 * c,
+        Blueprint.ATTENTION: 2 * c * q + c + q,
+        Blueprint.NORM: 2 * c,
+        Blueprint.DEPTHWISE: 9 * c + c * c + 2 * c,
+        Blueprint.BOTTLENECK: 2 * c * q + 9 * q * q + 2 * c,
+        Blueprint.CONV_SMALL: c * c + 2 * c,
+        Blueprint.CONV_HEAVY: 18 * c * c + 4 * c,
+        Blueprint.LORA: 2 * 8 * c,
+        Blueprint.LORA_LARGE: 2 * 32 * c,
+        Blueprint.MLP_SMALL: 2 * c * c + 2 * c,
+        Blueprint.MLP: 8 * c * c + 5 * c,
+        Blueprint.FLEX_ATTENTION: 4 * c * c + 4 * c,
+    }
+    return table[Blueprint(blueprint)]
+
+
+def slot_widths(topology: str, n_slots: int) -> tuple[int, ...]:
+    widths = DEFAULT_SLOT_WIDTHS[topology]
+    return tuple(widths[i % len(widths)] for i in range(n_slots))
+
+
+def alpha_progress(t: float, curve: int, steepness: float) -> float:
+    """Scalar p(t) of SPEC §7 (used by the reference; the engine has a tensor twin)."""
+    if curve == AlphaCurve.LINEAR:
+        return t
+    if curve == AlphaCurve.COSINE:
+        return (1.0 - math.cos(math.pi * t)) / 2.0
+    k = steepness
+
+    def s(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-x))
+
+    lo, hi = s(-k / 2.0), s(k / 2.0)
+    return (s(k * (t - 0.5)) - lo) / (hi - lo)
+
+
+class SpecTables:
+    """Tensor lookup tables on one device, built once per engine."""
+
+    def __init__(
+        self,
+        topology: str,
+        n_slots: int,
+        device: torch.device | str = "cpu",
+        enabled_slots: tuple[bool, ...] | None = None,
+    ) -> None:
+        dev = torch.device(device)
+        f32 = dict(dtype=torch.float32, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.device = dev
+        self.stage_onehot_index = torch.tensor(
+            [stage_onehot_index(c) if c != 5 else 0 for c in range(N_STAGE_CODES)], **i64
+        )
+        valid = torch.zeros(len(Blueprint), dtype=torch.bool, device=dev)
+        valid[list(TOPOLOGY_BLUEPRINTS[topology])] = True
+        self.blueprint_valid = valid
+        widths = slot_widths(topology, n_slots)
+        self.slot_widths = torch.tensor(widths, **f32)
+        # [S, 13] parameter count of each blueprint at each slot
+        self.blueprint_params = torch.tensor(
+            [[float(blueprint_params(b, w)) for b in Blueprint] for w in widths], **f32
+        )
+        self.tempo_epochs = torch.tensor(TEMPO_EPOCHS, **i64)
+        self.alpha_targets = torch.tensor(ALPHA_TARGETS, **f32)
+        self.alpha_speed_ticks = torch.tensor(ALPHA_SPEED_TICKS, **i64)
+        self.curve_steepness = torch.tensor(CURVE_STEEPNESS, **f32)
+        self.style_curve = torch.tensor([int(c) for c in STYLE_CURVE], **i64)
+        self.style_algorithm = torch.tensor([int(a) for a in STYLE_ALGORITHM], **i64)
+        enabled = enabled_slots if enabled_slots is not None else (True,) * n_slots
+        self.slot_enabled = torch.tensor(enabled, dtype=torch.bool, device=dev)
+        self.head_relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=dev)

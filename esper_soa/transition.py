@@ -1,0 +1,54 @@
+"""One lifecycle transition: SPEC §4 steps 3-6 given the dynamics' metrics, as a pure function.
+
+``transition`` is what the engine compiles (with the dynamics and reward around it) and what the
+differential tests compare against the per-env reference oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esper_soa.config import EngineConfig
+from esper_soa.features import observe
+from esper_soa.lifecycle import apply_op, record_epoch, tick
+from esper_soa.masks import compute_masks
+from esper_soa.spec import SpecTables
+from esper_soa.state import State
+
+
+def act(
+    state: State,
+    action: dict[str, torch.Tensor],
+    slot_by_op: torch.Tensor,
+    tables: SpecTables,
+    cfg: EngineConfig,
+) -> tuple[State, torch.Tensor, torch.Tensor]:
+    """Op + tick + epoch count: everything of a step that comes before the host epoch."""
+    slots = dict(state["slots"])
+    slots["previous_alpha"] = slots["alpha"]
+    state = {**state, "slots": slots}
+    state, op, success = apply_op(state, action, slot_by_op, tables, cfg)
+    state = tick(state, cfg)
+    state["epoch"] = state["epoch"] + 1
+    return state, op, success
+
+
+def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """Observation, blueprint indices and masks for the next decision."""
+    obs, blueprint_index = observe(state, tables, cfg)
+    masks = compute_masks(state, tables, cfg)
+    return {"observation": obs, "blueprint_index": blueprint_index, **{f"mask_{k}": v for k, v in masks.items()}}
+
+
+def transition(
+    state: State,
+    action: dict[str, torch.Tensor],
+    metrics: dict[str, torch.Tensor],
+    tables: SpecTables,
+    cfg: EngineConfig,
+) -> tuple[State, dict[str, torch.Tensor]]:
+    """Ops, tick, record-epoch, masks and observation, with the metrics supplied by the caller."""
+    slot_by_op = compute_masks(state, tables, cfg)["slot_by_op"]
+    state, op, success = act(state, action, slot_by_op, tables, cfg)
+    state = record_epoch(state, metrics)
+    return state, {"executed_op": op, "success": success, **emit(state, tables, cfg)}
