@@ -42,7 +42,7 @@ def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
     return out
 
 
-def _copy(state: State) -> tuple[State, State]:
+def copy_state(state: State) -> tuple[State, State]:
     """Shallow copies of the env dict and its slot dict, so updates never touch the input."""
     st = dict(state)
     st["slots"] = dict(state["slots"])
@@ -141,7 +141,7 @@ def apply_op(
     ``slot_by_op`` is the pre-action ``[E, 6, S]`` validity mask. Returns (state, executed op
     [E] int64, success [E] float32); invalid or out-of-range actions execute WAIT with success 0.
     """
-    st, sl = _copy(state)
+    st, sl = copy_state(state)
     n_envs, n_slots = sl["stage"].shape
     sizes = head_sizes(n_slots)
     h = {k: action[k].clamp(0, sizes[k] - 1) for k in HEAD_NAMES}
@@ -216,7 +216,7 @@ def apply_op(
 # --- per-epoch tick (SPEC §6) ------------------------------------------------------------------
 def tick(state: State, cfg: EngineConfig) -> State:
     """Advance every slot's clocks by one epoch, run embargo/reset and the alpha controller."""
-    st, sl = _copy(state)
+    st, sl = copy_state(state)
     val_acc = st["val_acc"]
     pruned = sl["stage"] == int(Stage.PRUNED)
     move(sl, pruned, Stage.EMBARGOED, val_acc)
@@ -250,7 +250,7 @@ def tick(state: State, cfg: EngineConfig) -> State:
 # --- record-epoch (SPEC §4 step 5) -------------------------------------------------------------
 def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     """Write one epoch of dynamics metrics into the state (histories, counterfactuals, grads)."""
-    st, sl = _copy(state)
+    st, sl = copy_state(state)
     val_acc = metrics["val_acc"]
     for name in ("val_loss", "val_acc", "acc_all_seeds_off", "host_params"):
         st[name] = metrics[name].to(st[name].dtype)

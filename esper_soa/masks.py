@@ -71,3 +71,24 @@ def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[s
         "alpha_speed": full(len(ALPHA_SPEED_TICKS)),
         "alpha_curve": full(len(AlphaCurve)),
     }
+
+
+def _sample(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform draw among the allowed entries of each row (Gumbel-max: no host sync)."""
+    u = torch.rand(mask.shape, generator=generator, device=mask.device).clamp_(1e-20, 1.0)
+    gumbel = -torch.log(-torch.log(u))
+    return torch.where(mask, gumbel, torch.full_like(gumbel, -float("inf"))).argmax(-1)
+
+
+def sample_masked_action(
+    masks: dict[str, torch.Tensor], generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """A uniformly random valid action per env: op first, then a slot the op allows, then the
+    other heads from their masks (SPEC §9 hierarchical sampling)."""
+    op = _sample(masks["op"], generator)
+    n_slots = masks["slot_by_op"].shape[-1]
+    slot_mask = masks["slot_by_op"].gather(1, op[:, None, None].expand(-1, 1, n_slots)).squeeze(1)
+    action = {"op": op, "slot": _sample(slot_mask, generator)}
+    for name in ("blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve"):
+        action[name] = _sample(masks[name], generator)
+    return action

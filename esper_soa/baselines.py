@@ -1,0 +1,35 @@
+"""Baseline controllers as TensorDict policies that TorchRL collectors can drive.
+
+``RandomMaskedPolicy`` draws a uniformly random *valid* action (op first, then a slot the op
+allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state.
+Both write ``("action", head)`` for every head and never sync with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+
+from esper_soa.env import MASK_KEYS
+from esper_soa.masks import sample_masked_action
+from esper_soa.spec import HEAD_NAMES
+
+ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
+
+
+class RandomMaskedPolicy(TensorDictModuleBase):
+    """Uniform over valid actions, seeded by its own generator (reproducible rollouts)."""
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.in_keys = [("masks", k) for k in MASK_KEYS]
+        self.out_keys = list(ACTION_KEYS)
+        self.generator = torch.Generator(device=torch.device(device))
+        self.generator.manual_seed(seed)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
+        for name, value in sample_masked_action(masks, self.generator).items():
+            tensordict.set(("action", name), value)
+        return tensordict

@@ -1,0 +1,161 @@
+"""The full batched engine: SPEC §4 step order around the lifecycle, dynamics and reward.
+
+``Engine.step(action)`` validates the action (optional, the only place that syncs with the
+host), then runs one pure step function, compiled with ``fullgraph=True`` when
+``cfg.compile``: reward from the pre-action state, op, tick, one host epoch, record, divergence
+handling, done flags, next observation and masks. ``Engine.reset(rows)`` re-draws only the
+selected envs with ``torch.where`` so other rows stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+from esper_soa.alpha import hold_at
+from esper_soa.config import EngineConfig
+from esper_soa.dynamics.base import DynamicsBackend
+from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
+from esper_soa.masks import compute_masks
+from esper_soa.reward import compute_reward
+from esper_soa.rng import episode_seed
+from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
+from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows
+from esper_soa.transition import act, emit
+from esper_soa.validation import validate_action
+
+DIVERGENCE_PENALTY = -10.0
+
+
+def make_dynamics(cfg: EngineConfig, tables: SpecTables) -> DynamicsBackend:
+    """Build the backend named by ``cfg.dynamics`` with ``cfg.dynamics_config``."""
+    if cfg.dynamics == "surrogate":
+        from esper_soa.dynamics.surrogate import SurrogateDynamics
+
+        return SurrogateDynamics(cfg, cfg.dynamics_config)
+    raise ValueError(f"EngineConfig.dynamics: expected 'surrogate', got {cfg.dynamics!r}")
+
+
+def collapse(state: State, diverged: torch.Tensor) -> State:
+    """Catastrophic divergence (SPEC §13): prune every non-fossilized seed of the diverged envs."""
+    st, sl = copy_state(state)
+    sel = diverged[:, None] & stage_in(sl["stage"], PRUNABLE_STAGES)
+    move(sl, sel, Stage.PRUNED, st["val_acc"])
+    hold_at(sl, sel, 0.0)
+    sl["pending_prune"] = sl["pending_prune"] & ~sel
+    return st
+
+
+class Engine:
+    """Batched Esper environment engine on ``cfg.device`` (no TorchRL dependency).
+
+    The lifecycle state is a nested dict of tensors (``state`` exposes it as a TensorDict);
+    backend state lives in ``aux``. Both are replaced, never mutated in place, on each call.
+    """
+
+    def __init__(self, cfg: EngineConfig, dynamics: DynamicsBackend | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.tables = SpecTables(cfg.topology, cfg.n_slots, self.device, cfg.enabled_slots)
+        self.dynamics = dynamics if dynamics is not None else make_dynamics(cfg, self.tables)
+        self.base_seed = cfg.seed
+        self.env_index = torch.arange(cfg.n_envs, device=self.device)
+        self.episode = torch.zeros(cfg.n_envs, dtype=torch.int64, device=self.device)
+        self._fresh = as_dict(make_state(cfg, self.device))
+        self._state: State = self._fresh
+        self.aux = self.dynamics.init_aux(cfg.n_envs, cfg.seed)
+        self._step_fn = self._step_impl
+        self._reset_fn = self._reset_impl
+        if cfg.compile:
+            self._step_fn = torch.compile(self._step_impl, fullgraph=True)
+            self._reset_fn = torch.compile(self._reset_impl, fullgraph=True)
+        self.masks = compute_masks(self._state, self.tables, cfg)
+        self._started = False
+
+    # --- public API ------------------------------------------------------------------------
+    @property
+    def state(self) -> TensorDict:
+        """The lifecycle state as a TensorDict ``[E]`` with nested ``slots`` ``[E, S]`` (no copy)."""
+        return from_dict(self._state, self.cfg.n_envs, self.cfg.n_slots, self.device)
+
+    def set_seed(self, seed: int) -> None:
+        """Restart every env's random streams from ``seed`` (takes effect at the next reset)."""
+        self.base_seed = int(seed)
+        self.episode = torch.zeros_like(self.episode)
+
+    def reset(self, rows: torch.Tensor | None = None) -> TensorDict:
+        """Start new episodes for the envs in ``rows`` ([E] bool; default all) and observe all."""
+        if rows is None:
+            rows = torch.ones(self.cfg.n_envs, dtype=torch.bool, device=self.device)
+        if rows.shape != (self.cfg.n_envs,) or rows.dtype != torch.bool or rows.device != self.device:
+            raise ValueError(
+                f"reset rows: expected a bool tensor of shape ({self.cfg.n_envs},) on {self.device}, "
+                f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}"
+            )
+        keys = episode_seed(self.base_seed, self.env_index, self.episode)
+        self._state, self.aux, out = self._reset_fn(self._state, self.aux, rows, keys)
+        self.episode = self.episode + rows.to(torch.int64)
+        self.masks = _masks_of(out)
+        self._started = True
+        return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
+
+    def step(self, action: dict[str, torch.Tensor] | TensorDict) -> TensorDict:
+        """One decision + one host epoch for every env (SPEC §4). Does not auto-reset."""
+        if not self._started:
+            raise RuntimeError("Engine.step called before Engine.reset()")
+        action = {k: action[k] for k in HEAD_NAMES}
+        validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
+        self._state, self.aux, out = self._step_fn(self._state, self.aux, action, self.masks["slot_by_op"])
+        self.masks = _masks_of(out)
+        return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
+
+    # --- pure step functions (compiled when cfg.compile) -----------------------------------
+    def _host_epoch(self, state: State, aux: dict) -> tuple[State, dict, torch.Tensor]:
+        """SPEC §4 step 5: one host epoch, recorded; returns the divergence flags too."""
+        metrics, aux = self.dynamics.advance(state, aux)
+        diverged = metrics["diverged"]
+        return collapse(record_epoch(state, metrics), diverged), aux, diverged
+
+    def _step_impl(
+        self, state: State, aux: dict, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
+    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        new, op, success = act(state, action, slot_by_op, self.tables, cfg)
+        reward = compute_reward(state, action, op, cfg)
+        new, aux, terminated = self._host_epoch(new, aux)
+        out = emit(new, self.tables, cfg)
+        reward = reward + DIVERGENCE_PENALTY * terminated.to(reward.dtype)
+        new["episode_return"] = new["episode_return"] + reward
+        truncated = new["epoch"] >= cfg.max_epochs
+        out.update(
+            reward=reward[:, None],
+            terminated=terminated[:, None],
+            truncated=truncated[:, None],
+            done=(terminated | truncated)[:, None],
+            executed_op=op,
+            success=success,
+            episode_return=new["episode_return"],
+        )
+        return new, aux, out
+
+    def _reset_impl(
+        self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        fresh_aux = self.dynamics.reset_aux(aux, rows, keys)
+        fresh, fresh_aux, _ = self._host_epoch(self._fresh, fresh_aux)
+        state = reset_rows(state, fresh, rows)
+        aux = {k: torch.where(rows.reshape((-1,) + (1,) * (v.dim() - 1)), fresh_aux[k], v) for k, v in aux.items()}
+        out = emit(state, self.tables, self.cfg)
+        false = torch.zeros_like(rows)[:, None]
+        out.update(
+            reward=torch.zeros_like(state["val_acc"])[:, None],
+            terminated=false,
+            truncated=false,
+            done=false,
+            episode_return=state["episode_return"],
+        )
+        return state, aux, out
+
+
+def _masks_of(out: dict[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:
+    return {k[len("mask_"):]: v for k, v in out.items() if k.startswith("mask_")}

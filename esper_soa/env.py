@@ -1,0 +1,151 @@
+"""TorchRL environment: ``EsperEnv(EnvBase)`` with ``batch_size=[n_envs]`` over the batched engine.
+
+The env is a thin shell: it moves actions from the TensorDict into :class:`Engine.step`,
+returns the engine's outputs under TorchRL's keys, and keeps the masks on the action specs up
+to date. Partial resets go through the ``"_reset"`` key and ``torch.where`` inside the engine;
+``maybe_reset`` resets the done rows without asking the device whether any row is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from esper_soa.config import EngineConfig
+from esper_soa.dynamics.base import DynamicsBackend
+from esper_soa.engine import Engine
+from esper_soa.masks import sample_masked_action
+from esper_soa.spec import HEAD_NAMES, Blueprint, head_sizes
+
+MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+DONE_KEYS = ("done", "terminated", "truncated")
+
+
+class EsperEnv(EnvBase):
+    """Batched Esper seed-lifecycle environment (one RL step = one host epoch).
+
+    Keys: ``observation`` [E, 23+31S] float32, ``blueprint_index`` [E, S] int64, ``masks``
+    (one bool tensor per head, ``slot_by_op`` [E, 6, S]), ``action`` (one int64 head each,
+    SPEC §2 order), ``reward`` [E, 1], ``done``/``terminated``/``truncated`` [E, 1].
+
+    Args:
+        cfg: engine configuration (n_envs, slots, topology, device, seed, compile, ...).
+        dynamics: optional backend instance overriding ``cfg.dynamics``.
+        **overrides: fields of :class:`EngineConfig` to replace in ``cfg``.
+    """
+
+    def __init__(
+        self, cfg: EngineConfig | None = None, dynamics: DynamicsBackend | None = None, **overrides
+    ) -> None:
+        cfg = replace(cfg or EngineConfig(), **overrides)
+        device = torch.device(cfg.device)
+        super().__init__(device=device, batch_size=torch.Size([cfg.n_envs]))
+        self.cfg = cfg
+        self.engine = Engine(cfg, dynamics)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(cfg.seed)
+        self._make_specs()
+
+    # --- specs ----------------------------------------------------------------------------
+    def _make_specs(self) -> None:
+        e, s, dev = self.cfg.n_envs, self.cfg.n_slots, self.device
+        sizes = head_sizes(s)
+        masks = self.engine.masks
+        self.action_spec = Composite(
+            action=Composite(
+                {
+                    name: Categorical(sizes[name], shape=(e,), dtype=torch.int64, device=dev)
+                    for name in HEAD_NAMES
+                },
+                shape=(e,),
+                device=dev,
+            ),
+            shape=(e,),
+            device=dev,
+        )
+        self.observation_spec = Composite(
+            observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
+            blueprint_index=Bounded(0, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
+            masks=Composite(
+                {k: Binary(n=masks[k].shape[-1], shape=masks[k].shape, dtype=torch.bool, device=dev) for k in MASK_KEYS},
+                shape=(e,),
+                device=dev,
+            ),
+            shape=(e,),
+            device=dev,
+        )
+        self.reward_spec = Unbounded(shape=(e, 1), dtype=torch.float32, device=dev)
+        self.done_spec = Composite(
+            {k: Categorical(2, shape=(e, 1), dtype=torch.bool, device=dev) for k in DONE_KEYS},
+            shape=(e,),
+            device=dev,
+        )
+        self._sync_action_masks()
+
+    def _sync_action_masks(self) -> None:
+        """Point the action specs' masks at the engine's current masks (no copy, no sync)."""
+        heads = self.full_action_spec["action"]
+        masks = self.engine.masks
+        for name in HEAD_NAMES:
+            if name == "slot":  # hierarchical: the union over ops (op-conditioned rows in masks)
+                heads[name].update_mask(masks["slot_by_op"].any(1))
+            else:
+                heads[name].update_mask(masks[name])
+
+    # --- EnvBase hooks --------------------------------------------------------------------
+    def _output(self, out: TensorDict) -> TensorDict:
+        td = TensorDict(
+            {
+                "observation": out["observation"],
+                "blueprint_index": out["blueprint_index"],
+                "masks": TensorDict({k: out[f"mask_{k}"] for k in MASK_KEYS}, batch_size=self.batch_size),
+                "reward": out["reward"],
+                **{k: out[k] for k in DONE_KEYS},
+            },
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        self._sync_action_masks()
+        return td
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        rows = None
+        if tensordict is not None and "_reset" in tensordict.keys():
+            rows = tensordict.get("_reset").reshape(self.cfg.n_envs)
+        td = self._output(self.engine.reset(rows))
+        del td["reward"]
+        return td
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = tensordict.get("action")
+        return self._output(self.engine.step({k: action.get(k) for k in HEAD_NAMES}))
+
+    def _set_seed(self, seed: int | None) -> None:
+        seed = 0 if seed is None else int(seed)
+        self.engine.set_seed(seed)
+        self._generator.manual_seed(seed)
+
+    # --- batched conveniences -------------------------------------------------------------
+    def maybe_reset(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Reset the done rows in place of TorchRL's ``any()`` check: no host sync per step."""
+        rows = tensordict.get("done").reshape(self.cfg.n_envs)
+        fresh = self._output(self.engine.reset(rows))
+        del fresh["reward"]
+        tensordict.update(fresh)
+        return tensordict
+
+    def rand_action(self, tensordict: TensorDictBase | None = None) -> TensorDictBase:
+        """A random action that respects every mask, the slot drawn after the op (SPEC §9)."""
+        masks = tensordict.get("masks") if tensordict is not None and "masks" in tensordict.keys() else None
+        if masks is None:
+            masks = self.engine.masks
+        action = sample_masked_action(dict(masks.items()), self._generator)
+        td = TensorDict({"action": action}, batch_size=self.batch_size, device=self.device)
+        if tensordict is None:
+            return td
+        tensordict.update(td)
+        return tensordict
