@@ -25,6 +25,32 @@ MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", 
 DONE_KEYS = ("done", "terminated", "truncated")
 
 
+class LiveMaskCategorical(Categorical):
+    """A ``Categorical`` head whose mask is read from the engine whenever it is used.
+
+    The masks change every step; reading them live keeps the base env's spec and every clone a
+    ``TransformedEnv`` makes of it up to date, without copies or per-step spec writes.
+    """
+
+    def __init__(self, n: int, shape=None, device=None, dtype=torch.int64, mask=None, *, mask_fn=None) -> None:
+        self._mask_fn = mask_fn
+        self._static_mask = None
+        super().__init__(n, shape=shape, device=device, dtype=dtype, mask=mask)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask_fn() if self._mask_fn is not None else self._static_mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._static_mask = value
+
+    def clone(self) -> Categorical:
+        if self._mask_fn is None:
+            return super().clone()
+        return type(self)(self.space.n, self.shape, self.device, self.dtype, mask_fn=self._mask_fn)
+
+
 class EsperEnv(EnvBase):
     """Batched Esper seed-lifecycle environment (one RL step = one host epoch).
 
@@ -58,7 +84,9 @@ class EsperEnv(EnvBase):
         self.action_spec = Composite(
             action=Composite(
                 {
-                    name: Categorical(sizes[name], shape=(e,), dtype=torch.int64, device=dev)
+                    name: LiveMaskCategorical(
+                        sizes[name], shape=(e,), dtype=torch.int64, device=dev, mask_fn=self._head_mask(name)
+                    )
                     for name in HEAD_NAMES
                 },
                 shape=(e,),
@@ -84,17 +112,13 @@ class EsperEnv(EnvBase):
             shape=(e,),
             device=dev,
         )
-        self._sync_action_masks()
 
-    def _sync_action_masks(self) -> None:
-        """Point the action specs' masks at the engine's current masks (no copy, no sync)."""
-        heads = self.full_action_spec["action"]
-        masks = self.engine.masks
-        for name in HEAD_NAMES:
-            if name == "slot":  # hierarchical: the union over ops (op-conditioned rows in masks)
-                heads[name].update_mask(masks["slot_by_op"].any(1))
-            else:
-                heads[name].update_mask(masks[name])
+    def _head_mask(self, name: str):
+        """The live mask of one action head; the slot head gets the union over ops (its
+        op-conditioned rows are ``masks["slot_by_op"]``)."""
+        if name == "slot":
+            return lambda: self.engine.masks["slot_by_op"].any(1)
+        return lambda: self.engine.masks[name]
 
     # --- EnvBase hooks --------------------------------------------------------------------
     def _output(self, out: TensorDict) -> TensorDict:
@@ -109,7 +133,6 @@ class EsperEnv(EnvBase):
             batch_size=self.batch_size,
             device=self.device,
         )
-        self._sync_action_masks()
         return td
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
@@ -139,11 +162,9 @@ class EsperEnv(EnvBase):
         return tensordict
 
     def rand_action(self, tensordict: TensorDictBase | None = None) -> TensorDictBase:
-        """A random action that respects every mask, the slot drawn after the op (SPEC §9)."""
-        masks = tensordict.get("masks") if tensordict is not None and "masks" in tensordict.keys() else None
-        if masks is None:
-            masks = self.engine.masks
-        action = sample_masked_action(dict(masks.items()), self._generator)
+        """A random action valid in the env's current state (the masks on the action specs),
+        the slot drawn after the op (SPEC §9)."""
+        action = sample_masked_action(self.engine.masks, self._generator)
         td = TensorDict({"action": action}, batch_size=self.batch_size, device=self.device)
         if tensordict is None:
             return td
