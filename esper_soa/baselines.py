@@ -11,7 +11,8 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from esper_soa.env import MASK_KEYS
+from esper_soa.env import MASK_KEYS, EsperEnv
+from esper_soa.heuristic import HeuristicConfig, HeuristicController
 from esper_soa.masks import sample_masked_action
 from esper_soa.spec import HEAD_NAMES
 
@@ -31,5 +32,30 @@ class RandomMaskedPolicy(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
         for name, value in sample_masked_action(masks, self.generator).items():
+            tensordict.set(("action", name), value)
+        return tensordict
+
+
+class HeuristicPolicy(TensorDictModuleBase):
+    """The SPEC §14a controller as a collector policy.
+
+    Like the original's rule-based Tamiyo it reads the host's lifecycle state directly (the
+    engine's state, which is the state the incoming observation was made from), not just the
+    observation. Its memory is forgotten for envs whose episode just started (epoch 0), so
+    collectors' automatic resets need no extra hook.
+    """
+
+    def __init__(self, env: EsperEnv, hcfg: HeuristicConfig | None = None) -> None:
+        super().__init__()
+        self.in_keys = [("masks", k) for k in MASK_KEYS]
+        self.out_keys = list(ACTION_KEYS)
+        self.engine = env.engine
+        self.controller = HeuristicController(env.cfg, hcfg)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        state = self.engine.state
+        self.controller.reset(state["epoch"] == 0)
+        masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
+        for name, value in self.controller.act(state, masks).items():
             tensordict.set(("action", name), value)
         return tensordict

@@ -1,0 +1,60 @@
+"""Issue 4 gate: EsperEnv.step overhead over the raw engine step (E = 1024, 65536) and
+TorchRL Collector frames/s with the random masked policy, in one run.
+
+Run: ``pytest bench/test_bench_env.py --benchmark-only -s``. Target: the wrapper adds < 25% at
+E = 65536.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from bench.conftest import record, require
+from esper_soa.baselines import RandomMaskedPolicy
+from esper_soa.cli import run_collector
+from esper_soa.config import EngineConfig
+from esper_soa.env import EsperEnv
+from esper_soa.masks import sample_masked_action
+
+SIZES = (1024, 65536)
+
+
+def _env(n_envs: int) -> tuple[EsperEnv, list[dict]]:
+    env = EsperEnv(EngineConfig(n_envs=n_envs, compile=True, validate_actions=False))
+    env.reset()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        env.engine.step(sample_masked_action(env.engine.masks, generator))
+    return env, [sample_masked_action(env.engine.masks, generator) for _ in range(8)]
+
+
+@pytest.mark.parametrize("n_envs", SIZES)
+@pytest.mark.parametrize("variant", ["engine", "env"])
+def test_step(benchmark, results, variant: str, n_envs: int) -> None:
+    env, actions = _env(n_envs)
+    tds = [TensorDict({"action": a}, batch_size=[n_envs]) for a in actions]
+    it = iter(range(10**9))
+    if variant == "engine":
+        fn = lambda: env.engine.step(actions[next(it) % 8])  # noqa: E731
+    else:
+        fn = lambda: env.step(tds[next(it) % 8])  # noqa: E731
+    benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=2)
+    record(benchmark, results, (variant, n_envs), n_envs)
+
+
+def test_collector_random_policy(benchmark) -> None:
+    env = EsperEnv(EngineConfig(n_envs=1024, max_epochs=50, compile=True, validate_actions=False))
+    stats = benchmark.pedantic(
+        lambda: run_collector(env, RandomMaskedPolicy(0), 1024 * 50, 1024 * 100), rounds=1, iterations=1
+    )
+    benchmark.extra_info["frames_per_s"] = stats.frames_per_second
+    print(f"Collector + random masked policy, E=1024: {stats.frames_per_second:,.0f} frames/s")
+
+
+def test_wrapper_overhead(results) -> None:
+    require(results, *[(v, e) for v in ("engine", "env") for e in SIZES])
+    for e in SIZES:
+        print(f"E={e}: EsperEnv.step / engine.step = {results[('env', e)] / results[('engine', e)]:.3f}")
+    assert results[("env", 65536)] / results[("engine", 65536)] < 1.25

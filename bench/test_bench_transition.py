@@ -1,0 +1,70 @@
+"""Issue 2 gate: the lifecycle transition (ops + tick + record + masks + observation) at
+E = 64, 1024, 4096, S = 3, eager vs compiled vs the per-env reference loop, in one run.
+
+Run: ``pytest bench/test_bench_transition.py --benchmark-only``. Target (2-core CPU): compiled
+>= 100x reference at E = 4096.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.conftest import record, require
+from esper_soa.config import EngineConfig
+from esper_soa.lifecycle import record_epoch
+from esper_soa.masks import compute_masks
+from esper_soa.reference import ReferenceEngine
+from esper_soa.spec import SpecTables
+from esper_soa.state import as_dict, make_state
+from esper_soa.transition import transition
+from tests.helpers import random_action, random_metrics, to_numpy
+
+SIZES = (64, 1024, 4096)
+
+
+def _inputs(n_envs: int):
+    cfg = EngineConfig(n_envs=n_envs, n_slots=3)
+    tables = SpecTables(cfg.topology, cfg.n_slots)
+    rng = np.random.default_rng(0)
+    state = record_epoch(as_dict(make_state(cfg)), random_metrics(rng, n_envs, 3))
+    for _ in range(30):  # a realistic stage mix
+        action = random_action(rng, compute_masks(state, tables, cfg), 3)
+        state, _ = transition(state, action, random_metrics(rng, n_envs, 3), tables, cfg)
+    action = random_action(rng, compute_masks(state, tables, cfg), 3)
+    return cfg, tables, state, action, random_metrics(rng, n_envs, 3)
+
+
+@pytest.mark.parametrize("n_envs", SIZES)
+@pytest.mark.parametrize("variant", ["reference", "eager", "compiled"])
+def test_transition(benchmark, results, variant: str, n_envs: int) -> None:
+    cfg, tables, state, action, metrics = _inputs(n_envs)
+    if variant == "reference":
+        ref = ReferenceEngine(cfg)
+        ref.reset_envs([True] * n_envs, to_numpy(metrics))
+        np_action, np_metrics = to_numpy(action), to_numpy(metrics)
+
+        def run():
+            ref.transition(np_action, np_metrics)
+            ref.masks()
+            ref.observation()
+
+        benchmark.pedantic(run, rounds=3 if n_envs >= 1024 else 10, iterations=1)
+    else:
+        fn = torch.compile(transition, fullgraph=True) if variant == "compiled" else transition
+        fn(state, action, metrics, tables, cfg)  # warm-up / compile
+        benchmark.pedantic(lambda: fn(state, action, metrics, tables, cfg), rounds=20, iterations=1, warmup_rounds=2)
+    record(benchmark, results, (variant, n_envs), n_envs)
+
+
+def test_ratio_compiled_vs_reference(results) -> None:
+    keys = [(v, e) for v in ("reference", "eager", "compiled") for e in SIZES]
+    require(results, *keys)
+    for e in SIZES:
+        print(
+            f"E={e}: reference {e / results[('reference', e)]:,.0f}  eager {e / results[('eager', e)]:,.0f}  "
+            f"compiled {e / results[('compiled', e)]:,.0f} env-steps/s; compiled/reference "
+            f"{results[('reference', e)] / results[('compiled', e)]:.0f}x"
+        )
+    assert results[("reference", 4096)] / results[("compiled", 4096)] >= 100

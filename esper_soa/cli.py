@@ -1,0 +1,159 @@
+"""Command line: ``esper-soa demo`` (collector rollouts of the baselines, throughput) and
+``esper-soa train`` (PPO on the surrogate, compared with the baselines).
+
+``run_collector`` is the one place that drives ``torchrl.collectors.Collector`` over
+``EsperEnv``; the scripts in ``scripts/`` and the trainer's evaluation reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from tensordict.nn import TensorDictModuleBase
+from torchrl.collectors import Collector
+from torchrl.envs import RewardSum, TransformedEnv
+
+from esper_soa.config import EngineConfig
+from esper_soa.env import EsperEnv
+from esper_soa.spec import Op, Stage
+
+
+@dataclass
+class RolloutStats:
+    frames: int
+    seconds: float
+    mean_return: float
+    episodes: int
+    mean_final_accuracy: float
+    fossils_per_episode: float
+    op_counts: dict[str, int]
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / max(self.seconds, 1e-9)
+
+
+def run_collector(
+    env: EsperEnv, policy: TensorDictModuleBase, frames_per_batch: int, total_frames: int
+) -> RolloutStats:
+    """Collect with ``Collector`` and summarise finished episodes (returns, accuracy, fossils)."""
+    tenv = TransformedEnv(env, RewardSum())
+    collector = Collector(
+        tenv,
+        policy,
+        frames_per_batch=frames_per_batch,
+        total_frames=total_frames,
+        auto_register_policy_transforms=False,
+    )
+    returns, accuracies, fossils = [], [], []
+    op_counts = torch.zeros(len(Op), dtype=torch.int64)
+    frames = 0
+    start = time.perf_counter()
+    for batch in collector:
+        frames += batch.numel()
+        done = batch["next", "done"].squeeze(-1)
+        returns.append(batch["next", "episode_reward"].squeeze(-1)[done])
+        obs = batch["next", "observation"][done]
+        accuracies.append(obs[:, 2] * 100.0)
+        stage_block = obs[:, 23:].reshape(obs.shape[0], env.cfg.n_slots, 31)[:, :, 1:11]
+        fossils.append(stage_block[:, :, int(Stage.FOSSILIZED) - 1].sum(1))
+        op_counts += torch.bincount(batch["action", "op"].flatten().cpu(), minlength=len(Op))
+    seconds = time.perf_counter() - start
+    collector.shutdown()
+    returns_t, acc_t, fossils_t = torch.cat(returns), torch.cat(accuracies), torch.cat(fossils)
+    n = returns_t.numel()
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.mean()) if x.numel() else float("nan")
+
+    return RolloutStats(
+        frames=frames,
+        seconds=seconds,
+        mean_return=mean(returns_t),
+        episodes=n,
+        mean_final_accuracy=mean(acc_t),
+        fossils_per_episode=mean(fossils_t),
+        op_counts={op.name: int(c) for op, c in zip(Op, op_counts)},
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        n_envs=args.n_envs,
+        n_slots=args.slots,
+        topology=args.topology,
+        max_epochs=args.max_epochs,
+        gate_mode=args.gate_mode,
+        reward_mode=args.reward_mode,
+        seed=args.seed,
+        device=args.device,
+        compile=args.compile,
+        validate_actions=not args.no_validate,
+    )
+
+
+def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epochs: int = 150) -> None:
+    parser.add_argument("--n-envs", type=int, default=n_envs)
+    parser.add_argument("--slots", type=int, default=3)
+    parser.add_argument("--topology", default="cnn", choices=["cnn", "transformer"])
+    parser.add_argument("--max-epochs", type=int, default=max_epochs)
+    parser.add_argument("--gate-mode", default="permissive", choices=["permissive", "strict"])
+    parser.add_argument("--reward-mode", default="shaped", choices=["shaped", "sparse", "minimal", "simplified"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
+    parser.add_argument("--no-validate", action="store_true", help="skip per-step action checks (no host sync)")
+
+
+def format_stats(name: str, stats: RolloutStats) -> str:
+    return (
+        f"{name:10s} frames={stats.frames:>8d}  {stats.frames_per_second:>11,.0f} frames/s  "
+        f"episodes={stats.episodes:>5d}  return={stats.mean_return:8.3f}  "
+        f"final acc={stats.mean_final_accuracy:6.2f}%  fossils/ep={stats.fossils_per_episode:5.2f}"
+    )
+
+
+def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStats:
+    """``episodes`` episodes per env of the ``random`` or ``heuristic`` controller via Collector."""
+    from esper_soa.baselines import HeuristicPolicy, RandomMaskedPolicy
+
+    env = EsperEnv(cfg)
+    policy = RandomMaskedPolicy(cfg.seed, cfg.device) if name == "random" else HeuristicPolicy(env)
+    frames = cfg.n_envs * cfg.max_epochs
+    return run_collector(env, policy, frames, frames * episodes)
+
+
+def collect_script(name: str, argv: list[str] | None = None) -> None:
+    """Entry point of ``scripts/collect_<name>.py``."""
+    parser = argparse.ArgumentParser(description=f"Collector over EsperEnv with the {name} controller")
+    add_engine_args(parser, n_envs=1024)
+    parser.add_argument("--episodes", type=int, default=2)
+    args = parser.parse_args(argv)
+    stats = collect_baseline(name, engine_config_from_args(args), args.episodes)
+    print(format_stats(name, stats))
+    print("ops:", stats.op_counts)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Random and heuristic controllers through a TorchRL Collector; prints throughput."""
+    cfg = engine_config_from_args(args)
+    for name in ("random", "heuristic"):
+        print(format_stats(name, collect_baseline(name, cfg, args.episodes)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="esper-soa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="collector rollouts of the random and heuristic controllers")
+    add_engine_args(p_demo, n_envs=256, max_epochs=150)
+    p_demo.add_argument("--episodes", type=int, default=1)
+    p_demo.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
