@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
-from torchrl.envs import RewardSum, TransformedEnv
+from torchrl.envs import Compose, RewardSum, Transform, TransformedEnv
 
 from esper_soa.config import EngineConfig
 from esper_soa.env import EsperEnv
@@ -36,11 +37,25 @@ class RolloutStats:
         return self.frames / max(self.seconds, 1e-9)
 
 
+def final_stats(observation: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(val_acc in %, number of FOSSILIZED slots) read back from observations ``[N, 23+31S]``."""
+    accuracy = observation[:, 2] * 100.0
+    stage_block = observation[:, 23:].reshape(observation.shape[0], n_slots, 31)[:, :, 1:11]
+    return accuracy, stage_block[:, :, int(Stage.FOSSILIZED) - 1].sum(1)
+
+
 def run_collector(
-    env: EsperEnv, policy: TensorDictModuleBase, frames_per_batch: int, total_frames: int
+    env: EsperEnv,
+    policy: TensorDictModuleBase,
+    frames_per_batch: int,
+    total_frames: int,
+    transforms: Sequence[Transform] = (),
 ) -> RolloutStats:
-    """Collect with ``Collector`` and summarise finished episodes (returns, accuracy, fossils)."""
-    tenv = TransformedEnv(env, RewardSum())
+    """Collect with ``Collector`` and summarise finished episodes (returns, accuracy, fossils).
+
+    ``transforms`` are appended after ``RewardSum`` (e.g. a recurrent policy's ``InitTracker``
+    and state primer)."""
+    tenv = TransformedEnv(env, Compose(RewardSum(), *transforms))
     collector = Collector(
         tenv,
         policy,
@@ -56,10 +71,9 @@ def run_collector(
         frames += batch.numel()
         done = batch["next", "done"].squeeze(-1)
         returns.append(batch["next", "episode_reward"].squeeze(-1)[done])
-        obs = batch["next", "observation"][done]
-        accuracies.append(obs[:, 2] * 100.0)
-        stage_block = obs[:, 23:].reshape(obs.shape[0], env.cfg.n_slots, 31)[:, :, 1:11]
-        fossils.append(stage_block[:, :, int(Stage.FOSSILIZED) - 1].sum(1))
+        accuracy, fossil_count = final_stats(batch["next", "observation"][done], env.cfg.n_slots)
+        accuracies.append(accuracy)
+        fossils.append(fossil_count)
         op_counts += torch.bincount(batch["action", "op"].flatten().cpu(), minlength=len(Op))
     seconds = time.perf_counter() - start
     collector.shutdown()

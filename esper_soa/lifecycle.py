@@ -31,7 +31,7 @@ from esper_soa.spec import (
     Stage,
     head_sizes,
 )
-from esper_soa.state import State, neutral_slots_like, update, where_slots
+from esper_soa.state import State, neutral_slots_like, slot_major, update, where_slots
 
 
 def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
@@ -149,7 +149,8 @@ def apply_op(
     valid = valid_slot.gather(1, h["slot"][:, None]).squeeze(1) & action_in_range(action, n_slots)
     valid = valid & ((h["op"] != int(Op.GERMINATE)) | tables.blueprint_valid[h["blueprint"]])
     op = torch.where(valid, h["op"], torch.zeros_like(h["op"]))
-    target = (torch.arange(n_slots, device=op.device)[None, :] == h["slot"][:, None]) & valid[:, None]
+    # built [S, E] and viewed [E, S]: the slot-major layout of the state (see state.py)
+    target = ((torch.arange(n_slots, device=op.device)[:, None] == h["slot"][None, :]) & valid[None, :]).T
     col = {k: v[:, None] for k, v in h.items()}  # [E, 1] views that broadcast over slots
     val_acc = st["val_acc"]
 
@@ -170,7 +171,7 @@ def apply_op(
         seed_age=0,
         germination_epoch=st["epoch"][:, None],
         accuracy_at_germination=val_acc[:, None],
-        seed_params=tables.blueprint_params.T[h["blueprint"]],
+        seed_params=tables.blueprint_params[:, h["blueprint"]].T,
         pending_prune=False,
     )
     hold_at(sl, sel, 0.0)
@@ -232,8 +233,8 @@ def tick(state: State, cfg: EngineConfig) -> State:
 
     stage = sl["stage"]
     ticking = ~pruned & stage_in(stage, LIVE_STAGES + (Stage.EMBARGOED, Stage.RESETTING))
-    sl["epochs_in_stage"] = sl["epochs_in_stage"] + ticking.to(torch.int64)
-    sl["seed_age"] = sl["seed_age"] + ticking.to(torch.int64)
+    sl["epochs_in_stage"] = sl["epochs_in_stage"] + ticking.to(sl["epochs_in_stage"].dtype)
+    sl["seed_age"] = sl["seed_age"] + ticking.to(sl["seed_age"].dtype)
     ticking_embargo = ticking & (stage == int(Stage.EMBARGOED)) & (sl["epochs_in_stage"] >= EMBARGO_EPOCHS)
     ticking_reset = ticking & (stage == int(Stage.RESETTING)) & (sl["epochs_in_stage"] >= RESETTING_EPOCHS)
     move(sl, ticking_embargo, Stage.RESETTING, val_acc)
@@ -292,5 +293,6 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
         has_exploding=metrics["has_exploding"],
         gradient_measured=True,
     )
+    st["slots"] = slot_major(sl)
     return st
 

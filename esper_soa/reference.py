@@ -64,13 +64,13 @@ from esper_soa.spec import (
     slot_widths,
     stage_onehot_index,
 )
-from esper_soa.state import ENV_FIELDS, SLOT_FIELDS, B, F, I
+from esper_soa.state import ENV_FIELDS, I32, SLOT_FIELDS, B, F, I
 
 __all__ = ["RefSlot", "RefEnv", "ReferenceEngine"]
 
 # state.py dtype -> (Python type of the attribute, numpy dtype of the export)
-_PY_TYPE = {F: float, I: int, B: bool}
-_NP_DTYPE = {F: np.float32, I: np.int64, B: np.bool_}
+_PY_TYPE = {F: float, I: int, I32: int, B: bool}
+_NP_DTYPE = {F: np.float32, I: np.int64, I32: np.int32, B: np.bool_}
 
 _SLOT_NEUTRAL = {name: _PY_TYPE[dt](v) for name, (dt, v) in SLOT_FIELDS.items()}
 _ENV_NEUTRAL = {name: _PY_TYPE[dt](v) for name, (dt, v, _shape) in ENV_FIELDS.items()}

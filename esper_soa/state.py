@@ -7,6 +7,11 @@ reference oracle exports the same names so differential tests compare field by f
 
 Inside compiled transitions the state travels as a plain nested ``dict`` of tensors
 (:func:`as_dict`), which dynamo traces without TensorDict overhead.
+
+Slot fields are stored *slot-major*: each ``[E, S]`` tensor is the transposed view of an
+``[S, E]`` buffer. With S = 3, an env-major layout leaves the compiler a 3-wide innermost loop
+(masked 16-lane vectors on CPU); slot-major gives it full-width vector loops over envs. The
+logical shape, indexing and TensorDict batch dims stay ``[E, S]``.
 """
 
 from __future__ import annotations
@@ -20,33 +25,34 @@ from esper_soa.spec import HISTORY_LEN, AlphaMode, Stage
 State = dict  # nested {"field": Tensor[E,...], "slots": {"field": Tensor[E,S]}}
 
 F, I, B = torch.float32, torch.int64, torch.bool
+I32 = torch.int32  # small per-slot counters and codes: half the memory traffic of int64
 
 # name -> (dtype, neutral value)
 SLOT_FIELDS: dict[str, tuple[torch.dtype, float]] = {
-    "stage": (I, int(Stage.DORMANT)),
-    "previous_stage": (I, int(Stage.UNKNOWN)),
-    "epochs_in_stage": (I, 0),
-    "previous_epochs_in_stage": (I, 0),
-    "seed_age": (I, 0),
-    "germination_epoch": (I, 0),
-    "blueprint": (I, 0),
-    "algorithm": (I, 0),
-    "tempo": (I, 0),  # first-ramp length in epochs (3/5/8), 0 when empty
+    "stage": (I32, int(Stage.DORMANT)),
+    "previous_stage": (I32, int(Stage.UNKNOWN)),
+    "epochs_in_stage": (I32, 0),
+    "previous_epochs_in_stage": (I32, 0),
+    "seed_age": (I32, 0),
+    "germination_epoch": (I32, 0),
+    "blueprint": (I, 0),  # int64: it indexes blueprint tables (gather)
+    "algorithm": (I32, 0),
+    "tempo": (I32, 0),  # first-ramp length in epochs (3/5/8), 0 when empty
     "germination_alpha_target": (F, 0.0),
     "alpha": (F, 0.0),
     "alpha_start": (F, 0.0),
     "alpha_target": (F, 0.0),
-    "alpha_mode": (I, int(AlphaMode.HOLD)),
-    "alpha_curve": (I, 0),
+    "alpha_mode": (I32, int(AlphaMode.HOLD)),
+    "alpha_curve": (I32, 0),
     "alpha_steepness": (F, 0.0),
-    "alpha_steps_total": (I, 0),
-    "alpha_steps_done": (I, 0),
+    "alpha_steps_total": (I32, 0),
+    "alpha_steps_done": (I32, 0),
     "pending_prune": (B, False),
     "accuracy_at_germination": (F, 0.0),
     "accuracy_at_stage_start": (F, 0.0),
     "contribution": (F, 0.0),
     "contribution_measured": (B, False),
-    "epochs_since_measurement": (I, 0),
+    "epochs_since_measurement": (I32, 0),
     "previous_contribution": (F, 0.0),
     "contribution_velocity": (F, 0.0),
     "interaction_sum": (F, 0.0),
@@ -87,7 +93,7 @@ def make_state(cfg: EngineConfig, device: torch.device | str | None = None) -> T
     dev = torch.device(cfg.device if device is None else device)
     e, s = cfg.n_envs, cfg.n_slots
     slots = TensorDict(
-        {k: _fill((e, s), dt, v, dev) for k, (dt, v) in SLOT_FIELDS.items()},
+        {k: _fill((s, e), dt, v, dev).T for k, (dt, v) in SLOT_FIELDS.items()},
         batch_size=[e, s],
         device=dev,
     )
@@ -112,6 +118,11 @@ def from_dict(d: State, n_envs: int, n_slots: int, device: torch.device) -> Tens
     td = TensorDict(env, batch_size=[n_envs], device=device)
     td["slots"] = slots
     return td
+
+
+def slot_major(slots: State) -> State:
+    """Every slot field in the slot-major layout (a no-op for fields already in it)."""
+    return {k: v.transpose(0, 1).contiguous().transpose(0, 1) for k, v in slots.items()}
 
 
 def neutral_slots_like(slots: State) -> State:

@@ -13,7 +13,7 @@ from esper_soa.features import observe
 from esper_soa.lifecycle import apply_op, record_epoch, tick
 from esper_soa.masks import compute_masks
 from esper_soa.spec import SpecTables
-from esper_soa.state import State
+from esper_soa.state import State, slot_major
 
 
 def act(
@@ -30,6 +30,7 @@ def act(
     state, op, success = apply_op(state, action, slot_by_op, tables, cfg)
     state = tick(state, cfg)
     state["epoch"] = state["epoch"] + 1
+    state["slots"] = slot_major(state["slots"])
     return state, op, success
 
 

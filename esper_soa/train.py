@@ -1,0 +1,548 @@
+"""PPO trainer for the factored Esper policy: batched collection, GAE, minibatch PPO epochs,
+JSONL/CSV metrics, exact checkpoint/resume, and held-out evaluation against the baselines.
+
+Collection drives the engine directly by default: every step is one batched policy call and
+one ``Engine.step`` over all E envs, done rows are reset together (``Engine.reset(rows)``), and
+the rollout comes out as the same ``[E, T]`` TensorDict layout a TorchRL ``Collector`` returns
+(``collector="torchrl"`` uses one instead). Nothing loops over envs; the loops are over time
+steps, PPO epochs and minibatches.
+
+Episodes have a fixed, observed horizon (``epoch / max_epochs`` is in the observation), so the
+time limit is part of the MDP: GAE treats ``truncated`` as terminal instead of bootstrapping
+from a value the critic never learns (the post-horizon state is never a decision state).
+
+Exact resume: a checkpoint holds the model (normalisers included), the optimiser, the reward
+normaliser's per-env running returns, every torch RNG state, the engine (``_state``, ``aux``,
+``episode``, ``masks``, ``base_seed``) and the carried observation / recurrent state, so the
+update after a resume is bit-identical to the uninterrupted run's (engine collector; a TorchRL
+``Collector`` resets its env when it is built, so that path restores everything but the
+in-flight episodes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tqdm.auto import tqdm
+
+from esper_soa.cli import RolloutStats, collect_baseline, final_stats, run_collector
+from esper_soa.config import EngineConfig
+from esper_soa.engine import Engine
+from esper_soa.env import MASK_KEYS, EsperEnv
+from esper_soa.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
+from esper_soa.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
+from esper_soa.spec import GAMMA, HEAD_NAMES, Op
+
+COLLECTORS = ("engine", "torchrl")
+TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one PPO run depends on (defaults: SPEC §14, sized for a CPU).
+
+    ``rollout_len`` defaults to ``engine.max_epochs``: every update then sees whole episodes.
+    ``minibatches`` splits a rollout of ``E * T`` frames (the LSTM splits the E env rows, so
+    each minibatch keeps whole sequences). ``checkpoint_every`` (updates, 0 = only at the end)
+    needs ``log_dir``.
+    """
+
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(n_envs=256, max_epochs=30, validate_actions=False)
+    )
+    updates: int = 60
+    rollout_len: int | None = None
+    collector: str = "engine"
+    seed: int = 0
+    # model
+    hidden: int = 128
+    depth: int = 2
+    recurrent: str | None = None
+    lstm_hidden: int = 128
+    # PPO
+    gamma: float = GAMMA
+    lmbda: float = GAE_LAMBDA
+    clip_epsilon: float = 0.2
+    lr: float = 3e-4
+    adam_eps: float = 1e-5
+    max_grad_norm: float = 5.0
+    target_kl: float | None = 0.015
+    ppo_epochs: int = 4
+    minibatches: int = 4
+    entropy_coef: float = 0.05
+    entropy_multipliers: tuple[tuple[str, float], ...] = tuple(ENTROPY_MULTIPLIERS.items())
+    critic_coef: float = 0.5
+    forced_value_weight: float = 0.2
+    normalize_advantage: bool = True
+    advantage_std_floor: float = 0.1
+    normalize_obs: bool = True
+    normalize_reward: bool = True
+    normalize_value: bool = False
+    obs_clip: float = 10.0
+    reward_clip: float = 10.0
+    # io
+    log_dir: str | None = None
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.engine, EngineConfig):
+            raise bad("engine", "an EngineConfig")
+        for name in ("updates", "ppo_epochs", "minibatches", "hidden", "depth", "lstm_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise bad(name, "an int >= 1")
+        if self.rollout_len is not None and (not isinstance(self.rollout_len, int) or self.rollout_len < 1):
+            raise bad("rollout_len", "None or an int >= 1")
+        if self.collector not in COLLECTORS:
+            raise bad("collector", f"one of {COLLECTORS}")
+        if self.recurrent not in (None, "lstm"):
+            raise bad("recurrent", "None or 'lstm'")
+        units = self.engine.n_envs if self.recurrent else self.engine.n_envs * self.steps_per_update
+        if self.minibatches > units:
+            raise bad("minibatches", f"at most {units} (the {'env rows' if self.recurrent else 'frames'} of a rollout)")
+        if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lmbda <= 1.0:
+            raise bad("gamma", "gamma in (0, 1] and lmbda in [0, 1]")
+        for name in ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "obs_clip", "reward_clip", "advantage_std_floor"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "a positive number")
+        for name in ("entropy_coef", "critic_coef", "forced_value_weight"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "a number >= 0")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise bad("target_kl", "None or a positive number")
+        if {h for h, _ in self.entropy_multipliers} != set(HEAD_NAMES):
+            raise bad("entropy_multipliers", f"one (head, multiplier) pair per head {HEAD_NAMES}")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and self.log_dir is None):
+            raise bad("checkpoint_every", "0, or an int >= 1 together with log_dir")
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.rollout_len if self.rollout_len is not None else self.engine.max_epochs
+
+    @property
+    def frames_per_update(self) -> int:
+        return self.engine.n_envs * self.steps_per_update
+
+
+@dataclass
+class TrainResult:
+    model: ActorCritic
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    log_dir: Path | None
+
+
+# --- helpers --------------------------------------------------------------------------------
+def make_model(cfg: TrainConfig) -> ActorCritic:
+    return ActorCritic(
+        cfg.engine.n_slots,
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        recurrent=cfg.recurrent,
+        lstm_hidden=cfg.lstm_hidden,
+        normalize_obs=cfg.normalize_obs,
+        obs_clip=cfg.obs_clip,
+        normalize_value=cfg.normalize_value,
+    )
+
+
+def make_loss(cfg: TrainConfig, model: ActorCritic) -> FactoredPPOLoss:
+    return FactoredPPOLoss(
+        model,
+        clip_epsilon=cfg.clip_epsilon,
+        entropy_coef=cfg.entropy_coef,
+        entropy_multipliers=dict(cfg.entropy_multipliers),
+        critic_coef=cfg.critic_coef,
+        forced_value_weight=cfg.forced_value_weight,
+        normalize_advantage=cfg.normalize_advantage,
+        advantage_std_floor=cfg.advantage_std_floor,
+        gamma=cfg.gamma,
+        lmbda=cfg.lmbda,
+    )
+
+
+def _observation_td(out: TensorDictBase, batch_size: torch.Size) -> TensorDict:
+    """The policy's inputs from an ``Engine.step``/``reset`` output (EsperEnv's key layout)."""
+    masks = TensorDict({k: out.get(f"mask_{k}") for k in MASK_KEYS}, batch_size=batch_size)
+    return TensorDict(
+        {"observation": out.get("observation"), "blueprint_index": out.get("blueprint_index"), "masks": masks},
+        batch_size=batch_size,
+    )
+
+
+def rollout_summary(batch: TensorDictBase, n_slots: int, max_epochs: int) -> dict[str, torch.Tensor]:
+    """Episode and op statistics of an ``[E, T]`` rollout, as tensors (one host sync later).
+
+    Returns and final states are those of the episodes that ended inside the rollout; op
+    fractions are over all its frames; prunes are per ``max_epochs`` frames (one episode)."""
+    done = batch.get(("next", "done")).squeeze(-1)
+    accuracy, fossils = final_stats(batch.get(("next", "observation"))[done], n_slots)
+    ops = torch.bincount(batch.get(("action", "op")).flatten(), minlength=len(Op)).to(torch.float32)
+    frames = float(done.numel())
+    stats = {
+        "episodes": done.sum(),
+        "mean_return": batch.get(("next", "episode_reward")).squeeze(-1)[done].mean(),  # NaN if none ended
+        "final_accuracy": accuracy.mean(),
+        "fossils_per_episode": fossils.mean(),
+        "prunes_per_episode": ops[int(Op.PRUNE)] * max_epochs / frames,
+    }
+    stats.update({f"op_frac_{op.name}": ops[int(op)] / frames for op in Op})
+    return stats
+
+
+def _scalar(x: torch.Tensor | float | int | bool) -> float | int | bool | None:
+    """A JSON-friendly Python scalar (NaN -> None)."""
+    if isinstance(x, torch.Tensor):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# --- the trainer ----------------------------------------------------------------------------
+class Trainer:
+    """One PPO run: owns the engine (or TorchRL env + Collector), the model, the loss, the
+    optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = make_model(cfg)
+        self.loss = make_loss(cfg, self.model)
+        self.optim = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.reward_norm = RewardNormalizer(cfg.engine.n_envs, cfg.gamma, cfg.reward_clip, cfg.normalize_reward)
+        self.batch_size = torch.Size([cfg.engine.n_envs])
+        self.update_index = 0
+        self.frames = 0
+        self._carry: TensorDict | None = None  # policy inputs of the next step (engine path)
+        self._collector = None
+        if cfg.collector == "engine":
+            self.engine = Engine(cfg.engine)
+            self.loss.make_value_estimator(value_network=None)  # values come with the rollout
+        else:
+            from torchrl.collectors import Collector
+            from torchrl.envs import Compose, RewardSum, TransformedEnv
+
+            env = EsperEnv(cfg.engine)
+            self.engine = env.engine
+            self.env = TransformedEnv(env, Compose(RewardSum(), *self.model.env_transforms()))
+            self.loss.make_value_estimator()
+            self._collector_cls = Collector
+
+    # --- collection -------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self) -> TensorDict:
+        """One ``[E, T]`` rollout with ``("next", ...)`` entries, like a TorchRL Collector's."""
+        if self.cfg.collector == "torchrl":
+            return self._collect_torchrl()
+        engine = self.engine
+        if self._carry is None:
+            self._carry = self._fresh_carry(engine.reset())
+        steps = []
+        for _ in range(self.cfg.steps_per_update):
+            td = self.model.act(self._carry)
+            out = engine.step({h: td.get(("action", h)) for h in HEAD_NAMES})
+            done = out.get("done")
+            for key, value in (
+                ("observation", out.get("observation")),
+                ("reward", out.get("reward")),
+                ("done", done),
+                ("terminated", out.get("terminated")),
+                ("truncated", out.get("truncated")),
+                ("episode_reward", out.get("episode_return")[:, None]),
+            ):
+                td.set(("next", key), value)  # beside the LSTM's ("next", state) entries
+            steps.append(td)
+            rows = done.squeeze(-1)
+            if bool(rows.any()):  # lock-step episodes: a reset is needed on few steps only
+                out = engine.reset(rows)
+            self._carry = self._next_carry(td, out, rows)
+        batch = torch.stack(steps, dim=1)
+        # bootstrap value of the state after the rollout (ignored where the last step was done)
+        last_value = self.model.critic(self._carry.clone()).get("state_value")
+        value = batch.get("state_value")
+        batch.set(("next", "state_value"), torch.cat([value[:, 1:], last_value[:, None]], dim=1))
+        return batch
+
+    def _fresh_carry(self, out: TensorDictBase) -> TensorDict:
+        carry = _observation_td(out, self.batch_size)
+        if self.model.lstm is not None:
+            carry.update(self.model.initial_state(self.cfg.engine.n_envs))
+            carry.set("is_init", torch.ones(*self.batch_size, 1, dtype=torch.bool))
+        return carry
+
+    def _next_carry(self, td: TensorDict, out: TensorDictBase, rows: torch.Tensor) -> TensorDict:
+        carry = _observation_td(out, self.batch_size)
+        if self.model.lstm is not None:
+            keep = ~rows[:, None, None]
+            for k in RECURRENT_KEYS:
+                carry.set(k, td.get(("next", k)) * keep)
+            carry.set("is_init", rows[:, None].clone())
+        return carry
+
+    def _collect_torchrl(self) -> TensorDict:
+        if self._collector is None:
+            self._collector = iter(
+                self._collector_cls(
+                    self.env,
+                    self.model.policy,
+                    frames_per_batch=self.cfg.frames_per_update,
+                    total_frames=-1,
+                    auto_register_policy_transforms=False,
+                )
+            )
+        return next(self._collector)
+
+    # --- one update -------------------------------------------------------------------------
+    def advantages(self, batch: TensorDict) -> TensorDict:
+        """Scale rewards, treat the observed time limit as terminal, run GAE (in place)."""
+        done = batch.get(("next", "done"))
+        reward = batch.get(("next", "reward"))
+        batch.set(("next", "reward"), self.reward_norm(reward.squeeze(-1), done.squeeze(-1)).unsqueeze(-1))
+        batch.set(("next", "terminated"), done.clone())
+        return self.loss.value_estimator(batch)
+
+    def update(self, batch: TensorDict) -> dict[str, torch.Tensor]:
+        """PPO epochs over shuffled minibatches with the target-KL early stop."""
+        cfg = self.cfg
+        data = batch.select(*self.loss.in_keys)
+        if self.model.lstm is None:
+            data = data.reshape(-1)  # frames are independent for the MLP
+        n = data.shape[0]
+        size = math.ceil(n / cfg.minibatches)
+        sums: dict[str, torch.Tensor] = {}
+        done_minibatches, early_stop = 0, False
+        params = list(self.model.parameters())
+        for _ in range(cfg.ppo_epochs):
+            for index in torch.randperm(n).split(size):
+                out = self.loss(data[index])
+                if cfg.target_kl is not None and float(out["approx_kl"]) > cfg.target_kl:
+                    early_stop = True
+                    break
+                total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
+                self.optim.zero_grad(set_to_none=True)
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optim.step()
+                out.set("grad_norm", grad_norm)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                done_minibatches += 1
+            if early_stop:
+                break
+        metrics = {k: v / max(done_minibatches, 1) for k, v in sums.items()}
+        entropy = metrics.pop("entropy", torch.zeros(len(HEAD_NAMES)))
+        metrics.update({f"entropy_{h}": entropy[i] for i, h in enumerate(HEAD_NAMES)})
+        metrics["minibatches"] = torch.tensor(done_minibatches)
+        metrics["early_stop"] = torch.tensor(early_stop)
+        # normaliser statistics move only now, so sampling and loss saw the same ones
+        self.model.obs_norm.update(batch.get("observation"))
+        if self.model.value_norm is not None:
+            self.model.value_norm.update(batch.get("value_target"))
+        return metrics
+
+    def step(self) -> dict[str, Any]:
+        """Collect, GAE, PPO update; returns this update's metrics as Python scalars."""
+        t0 = time.perf_counter()
+        batch = self.collect()
+        t1 = time.perf_counter()
+        stats = rollout_summary(batch, self.cfg.engine.n_slots, self.cfg.engine.max_epochs)
+        self.advantages(batch)
+        metrics = self.update(batch)
+        t2 = time.perf_counter()
+        self.update_index += 1
+        self.frames += batch.numel()
+        row: dict[str, Any] = {"update": self.update_index, "frames": self.frames}
+        row.update({k: _scalar(v) for k, v in stats.items()})
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        row["reward_scale"] = _scalar(self.reward_norm.returns.std.float())
+        row.update(sps=batch.numel() / (t2 - t0), collect_s=t1 - t0, update_s=t2 - t1, time_s=t2 - t0)
+        return row
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        engine = self.engine
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": _config_dict(self.cfg),
+            "update": self.update_index,
+            "frames": self.frames,
+            "model": self.model.state_dict(),
+            "optim": self.optim.state_dict(),
+            "reward_norm": self.reward_norm.state_dict(),
+            "rng": rng,
+            "engine": {
+                "state": engine._state,
+                "aux": engine.aux,
+                "episode": engine.episode,
+                "masks": engine.masks,
+                "base_seed": engine.base_seed,
+                "started": engine._started,
+            },
+            "carry": None if self._carry is None else self._carry.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version: expected {CHECKPOINT_VERSION}, got {state.get('version')!r}")
+        saved, now = state["config"], _config_dict(self.cfg)
+        ignore = {"updates", "log_dir", "checkpoint_every", "progress"}
+        diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+        if diff:
+            raise ValueError(f"resume: the checkpoint was trained with a different config ({', '.join(diff)})")
+        self.update_index, self.frames = state["update"], state["frames"]
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.reward_norm.load_state_dict(state["reward_norm"])
+        eng = state["engine"]
+        self.engine._state, self.engine.aux = eng["state"], eng["aux"]
+        self.engine.episode, self.engine.masks = eng["episode"], eng["masks"]
+        self.engine.base_seed, self.engine._started = eng["base_seed"], eng["started"]
+        carry = state["carry"]
+        self._carry = None if carry is None else TensorDict(carry, batch_size=self.batch_size)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # never leave a half-written checkpoint behind
+        return path
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=False))
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else None
+        logger = _MetricsLogger(log_dir) if log_dir is not None else None
+        checkpoint = None
+        history = []
+        bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not cfg.progress, desc="PPO", unit="upd")
+        try:
+            while self.update_index < cfg.updates:
+                row = self.step()
+                history.append(row)
+                if logger is not None:
+                    logger.write(row)
+                ret = row["mean_return"]
+                bar.set_postfix(ret="-" if ret is None else f"{ret:.2f}", kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:,.0f}")
+                bar.update(1)
+                last = self.update_index == cfg.updates
+                if log_dir is not None and (last or (cfg.checkpoint_every and self.update_index % cfg.checkpoint_every == 0)):
+                    checkpoint = self.save(log_dir / "checkpoint.pt")
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        return TrainResult(self.model, history, checkpoint, log_dir)
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (device as a string) for checkpoints and comparisons."""
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    engine = asdict(cfg.engine)
+    engine["device"] = str(engine["device"])
+    out["engine"] = engine
+    return out
+
+
+class _MetricsLogger:
+    """Append one row per update to ``metrics.jsonl`` and ``metrics.csv`` in ``log_dir``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a")
+        csv_path = log_dir / "metrics.csv"
+        self._csv_new = not csv_path.exists() or csv_path.stat().st_size == 0
+        self.csv_file = open(csv_path, "a", newline="")
+        self.csv: csv.DictWriter | None = None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.csv is None:
+            self.csv = csv.DictWriter(self.csv_file, fieldnames=list(row))
+            if self._csv_new:
+                self.csv.writeheader()
+        self.csv.writerow(row)
+        self.csv_file.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.csv_file.close()
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train (or resume from a checkpoint) until ``cfg.updates`` updates are done."""
+    trainer = Trainer(cfg)
+    if resume is not None:
+        trainer.load(resume)
+    return trainer.run()
+
+
+# --- evaluation -----------------------------------------------------------------------------
+def merge_stats(stats: Sequence[RolloutStats]) -> RolloutStats:
+    """Pool rollouts (episode-weighted means, summed frames/time/op counts)."""
+    episodes = sum(s.episodes for s in stats)
+
+    def pooled(name: str) -> float:
+        return sum(getattr(s, name) * s.episodes for s in stats) / max(episodes, 1)
+
+    ops: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.op_counts.items():
+            ops[k] = ops.get(k, 0) + v
+    return RolloutStats(
+        frames=sum(s.frames for s in stats),
+        seconds=sum(s.seconds for s in stats),
+        mean_return=pooled("mean_return"),
+        episodes=episodes,
+        mean_final_accuracy=pooled("mean_final_accuracy"),
+        fossils_per_episode=pooled("fossils_per_episode"),
+        op_counts=ops,
+    )
+
+
+def evaluate(
+    model: ActorCritic, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool = True, episodes: int = 1
+) -> RolloutStats:
+    """Full episodes of ``model`` on each env seed in ``seeds`` (use seeds not trained on),
+    through the same ``run_collector`` the baselines use; greedy or sampled actions."""
+    frames = cfg.n_envs * cfg.max_epochs
+    previous = model.actor.deterministic
+    model.actor.deterministic = greedy
+    try:
+        runs = [
+            run_collector(EsperEnv(replace(cfg, seed=s)), model.policy, frames, frames * episodes, transforms=model.env_transforms())
+            for s in seeds
+        ]
+    finally:
+        model.actor.deterministic = previous
+    return merge_stats(runs)
+
+
+def evaluate_baseline(name: str, cfg: EngineConfig, seeds: Sequence[int], *, episodes: int = 1) -> RolloutStats:
+    """The ``random`` or ``heuristic`` controller on the same held-out seeds as :func:`evaluate`."""
+    return merge_stats([collect_baseline(name, replace(cfg, seed=s), episodes) for s in seeds])
