@@ -50,7 +50,9 @@ def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[s
     advance = enabled & stage_in(stage, ADVANCEABLE_STAGES)
     if cfg.all_auto_forward:
         advance = torch.zeros_like(advance)
-    slot_by_op = torch.stack([enabled, germinate, set_alpha, prune, fossilize, advance], dim=1)
+    # stacked [6, S, E] (slot-major, like the state) and viewed [E, 6, S]
+    rows = (enabled, germinate, set_alpha, prune, fossilize, advance)
+    slot_by_op = torch.stack([r.T for r in rows]).permute(2, 0, 1)
     op = slot_by_op.any(dim=2)
 
     def full(n: int) -> torch.Tensor:
