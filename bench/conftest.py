@@ -31,3 +31,10 @@ def require(results: dict, *keys: tuple) -> None:
     missing = [k for k in keys if k not in results]
     if missing:
         pytest.skip(f"run the whole module: missing measurements {missing}")
+
+
+def print_rates(results: dict, sizes: tuple[int, ...], variants: tuple[str, ...] = ("reference", "eager", "compiled")) -> None:
+    """One line per size: env-steps/s of each variant and compiled/reference."""
+    for e in sizes:
+        rates = "  ".join(f"{v} {e / results[(v, e)]:,.0f}" for v in variants)
+        print(f"E={e}: {rates} env-steps/s; compiled/reference {results[('reference', e)] / results[('compiled', e)]:.0f}x")

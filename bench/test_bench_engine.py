@@ -14,7 +14,7 @@ import resource
 import pytest
 import torch
 
-from bench.conftest import record, require
+from bench.conftest import print_rates, record, require
 from esper_soa.config import EngineConfig
 from esper_soa.engine import Engine
 from esper_soa.masks import sample_masked_action
@@ -69,11 +69,6 @@ def test_full_step(benchmark, results, variant: str, n_envs: int) -> None:
 
 def test_targets(results) -> None:
     require(results, *[(v, e) for v in ("reference", "eager", "compiled") for e in SIZES])
-    for e in SIZES:
-        print(
-            f"E={e}: reference {e / results[('reference', e)]:,.0f}  eager {e / results[('eager', e)]:,.0f}  "
-            f"compiled {e / results[('compiled', e)]:,.0f} env-steps/s; compiled/reference "
-            f"{results[('reference', e)] / results[('compiled', e)]:.0f}x"
-        )
+    print_rates(results, SIZES)
     assert results[("reference", 4096)] / results[("compiled", 4096)] >= 100
     assert 65536 / results[("compiled", 65536)] >= 1_000_000

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conftest import record, require
+from bench.conftest import print_rates, record, require
 from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import record_epoch
 from esper_soa.masks import compute_masks
@@ -61,10 +61,5 @@ def test_transition(benchmark, results, variant: str, n_envs: int) -> None:
 def test_ratio_compiled_vs_reference(results) -> None:
     keys = [(v, e) for v in ("reference", "eager", "compiled") for e in SIZES]
     require(results, *keys)
-    for e in SIZES:
-        print(
-            f"E={e}: reference {e / results[('reference', e)]:,.0f}  eager {e / results[('eager', e)]:,.0f}  "
-            f"compiled {e / results[('compiled', e)]:,.0f} env-steps/s; compiled/reference "
-            f"{results[('reference', e)] / results[('compiled', e)]:.0f}x"
-        )
+    print_rates(results, SIZES)
     assert results[("reference", 4096)] / results[("compiled", 4096)] >= 100
