@@ -33,7 +33,11 @@ def make_dynamics(cfg: EngineConfig, tables: SpecTables) -> DynamicsBackend:
         from esper_soa.dynamics.surrogate import SurrogateDynamics
 
         return SurrogateDynamics(cfg, cfg.dynamics_config)
-    raise ValueError(f"EngineConfig.dynamics: expected 'surrogate', got {cfg.dynamics!r}")
+    if cfg.dynamics == "hosts":
+        from esper_soa.dynamics.hosts import BatchedHostsDynamics
+
+        return BatchedHostsDynamics(cfg, cfg.dynamics_config)
+    raise ValueError(f"EngineConfig.dynamics: expected 'surrogate' or 'hosts', got {cfg.dynamics!r}")
 
 
 def collapse(state: State, diverged: torch.Tensor) -> State:
@@ -58,6 +62,8 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.tables = SpecTables(cfg.topology, cfg.n_slots, self.device, cfg.enabled_slots)
         self.dynamics = dynamics if dynamics is not None else make_dynamics(cfg, self.tables)
+        if getattr(self.dynamics, "seed_params_table", None) is not None:
+            self.tables.blueprint_params = self.dynamics.seed_params_table.to(self.device, torch.float32)
         self.base_seed = cfg.seed
         self.env_index = torch.arange(cfg.n_envs, device=self.device)
         self.episode = torch.zeros(cfg.n_envs, dtype=torch.int64, device=self.device)
@@ -66,9 +72,13 @@ class Engine:
         self.aux = self.dynamics.init_aux(cfg.n_envs, cfg.seed)
         self._step_fn = self._step_impl
         self._reset_fn = self._reset_impl
-        if cfg.compile:
+        self._act_fn, self._finish_fn = self._act_and_reward, self._finish
+        if cfg.compile and getattr(self.dynamics, "compilable", True):
             self._step_fn = torch.compile(self._step_impl, fullgraph=True)
             self._reset_fn = torch.compile(self._reset_impl, fullgraph=True)
+        elif cfg.compile:  # eager host epoch between two compiled lifecycle graphs
+            self._act_fn = torch.compile(self._act_and_reward, fullgraph=True)
+            self._finish_fn = torch.compile(self._finish, fullgraph=True)
         self.masks = compute_masks(self._state, self.tables, cfg)
         self._started = False
 
@@ -116,26 +126,41 @@ class Engine:
         diverged = metrics["diverged"]
         return collapse(record_epoch(state, metrics), diverged), aux, diverged
 
-    def _step_impl(
-        self, state: State, aux: dict, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
-    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+    def _act_and_reward(
+        self, state: State, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
+    ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SPEC §4 steps 2-4: reward from the pre-action state, op, tick."""
+        new, op, success = act(state, action, slot_by_op, self.tables, self.cfg)
+        return new, op, success, compute_reward(state, action, op, self.cfg)
+
+    def _finish(
+        self, state: State, metrics: dict[str, torch.Tensor], reward: torch.Tensor
+    ) -> tuple[State, dict[str, torch.Tensor], torch.Tensor]:
+        """SPEC §4 steps 5-6 after the host epoch: record, divergence, done flags, emit."""
         cfg = self.cfg
-        new, op, success = act(state, action, slot_by_op, self.tables, cfg)
-        reward = compute_reward(state, action, op, cfg)
-        new, aux, terminated = self._host_epoch(new, aux)
-        out = emit(new, self.tables, cfg)
+        terminated = metrics["diverged"]
+        state = collapse(record_epoch(state, metrics), terminated)
         reward = reward + DIVERGENCE_PENALTY * terminated.to(reward.dtype)
-        new["episode_return"] = new["episode_return"] + reward
-        truncated = new["epoch"] >= cfg.max_epochs
+        state["episode_return"] = state["episode_return"] + reward
+        truncated = state["epoch"] >= cfg.max_epochs
+        out = emit(state, self.tables, cfg)
         out.update(
             reward=reward[:, None],
             terminated=terminated[:, None],
             truncated=truncated[:, None],
             done=(terminated | truncated)[:, None],
-            executed_op=op,
-            success=success,
-            episode_return=new["episode_return"],
+            episode_return=state["episode_return"],
         )
+        return state, out, terminated
+
+    def _step_impl(
+        self, state: State, aux: dict, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
+    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        """The whole step as one function (compiled as one graph for compilable backends)."""
+        new, op, success, reward = self._act_fn(state, action, slot_by_op)
+        metrics, aux = self.dynamics.advance(new, aux)
+        new, out, _ = self._finish_fn(new, metrics, reward)
+        out.update(executed_op=op, success=success)
         return new, aux, out
 
     def _reset_impl(

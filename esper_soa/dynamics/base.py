@@ -31,7 +31,17 @@ METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
 
 
 class DynamicsBackend(Protocol):
-    """What the engine needs from host dynamics. ``aux`` is backend-owned per-env state."""
+    """What the engine needs from host dynamics. ``aux`` is backend-owned per-env state.
+
+    ``compilable``: whether ``advance`` is a pure tensor function that
+    ``torch.compile(fullgraph=True)`` accepts (the engine then compiles the whole step as one
+    graph; otherwise it compiles the lifecycle parts around an eager ``advance``).
+    ``seed_params_table``: ``[S, 13]`` parameter count of each blueprint in each slot as the
+    backend builds them, or ``None`` to use the spec's table (what the rent and shock terms price).
+    """
+
+    compilable: bool
+    seed_params_table: torch.Tensor | None
 
     def init_aux(self, n_envs: int, seed: int) -> dict[str, torch.Tensor]:
         """Fresh backend state for ``n_envs`` envs (RNG streams, latent host/seed parameters)."""

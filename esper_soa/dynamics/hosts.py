@@ -2,11 +2,13 @@
 
 Every env owns a small CNN host (three blocks ``conv3x3 -> GroupNorm -> ReLU -> maxpool2``, widths
 ``HostsConfig.channels`` = 8/16/32, global average pool, linear classifier). Slot ``i`` sits after
-block ``i`` and has width ``channels[i]``. All E hosts are one model: every parameter is stored
-stacked along a leading env dim in ``aux`` and the forward pass runs the E hosts side by side as a
-grouped convolution (layout ``[batch, E * channels, H, W]``, ``groups=E``), so one minibatch is one
-forward and one backward for all envs. GroupNorm (per sample, no running statistics) keeps train
-and eval identical and keeps envs independent; a diverging env cannot leak into the others.
+block ``i`` and has width ``channels[i]`` (8/16/32, not ``spec.slot_widths``' 32/64/128: see
+``seed_params_table``). All E hosts are one model: each module (the host, every sleeper seed, every
+gate) is one flat ``[E, size]`` tensor in ``aux`` (named views split off it), and the forward pass
+runs the E hosts side by side as a grouped convolution (layout ``[batch, E * channels, H, W]``,
+``groups=E``), so one minibatch is one forward and one backward for all envs. GroupNorm (per
+sample, no running statistics) keeps train and eval identical and keeps envs independent; a
+diverging env cannot leak into the others (tested).
 
 Sleeper seeds: each slot pre-allocates one seed module per cnn blueprint (CONV_LIGHT, ATTENTION,
 NORM, DEPTHWISE, BOTTLENECK, CONV_SMALL, CONV_HEAVY; parameter counts follow
@@ -33,11 +35,15 @@ stacked tensors; seed and gate updates are masked to the envs whose seed is live
 One ``advance`` = one host epoch: ``minibatches_per_epoch`` minibatches, each env drawing its own
 deterministic sample order (a per-env permutation of the training split from the counter RNG), then
 one validation pass over a fixed validation prefix. Counterfactuals are computed in that same pass:
-at each slot with a blended seed the batch doubles into (slot on, slot off), so the classifier sees
-all ``2^S`` on/off variants stacked along the batch dim (blocks before the first seeded slot run
-once). ``acc_without_slot`` / ``acc_all_seeds_off`` / ``interaction_sum`` (pairwise
+at each slot, the envs with an active seed there (blended, alpha > 0) fork an "alpha 0" copy of
+their activations, stacked as extra branches of the batch, so every env is evaluated once per
+subset of *its* active slots (at most ``2^S`` = 8 variants) and blocks before its first active
+slot run once. ``acc_without_slot`` / ``acc_all_seeds_off`` / ``interaction_sum`` (pairwise
 ``acc(both on) - acc(i off) - acc(j off) + acc(both off)`` summed over partners) are read off those
-variants; with S <= 3 that is at most 8 variants, so the interaction term is always computed.
+variants (a slot without an active seed changes nothing when forced off), so the interaction term
+is always computed. Validation is gradient-free and uses faster kernels for the same function:
+block 0 as one unfold + matmul against all envs' filters (the images are shared), and
+GroupNorm -> ReLU -> maxpool with the pool taken before the norm's (monotone) affine map.
 
 Gradient telemetry (slots in TRAINING/BLENDING/HOLDING), measured on every ``grad_stride``-th
 minibatch (minibatch 0 always) and averaged over the epoch: ``gradient_norm`` = L2 norm of the env's
@@ -53,17 +59,25 @@ Divergence: an env whose training or validation loss is non-finite reports ``div
 ``val_loss`` is replaced by ``ln(n_classes)`` and its accuracies by chance (100 / n_classes) so the
 observation stays finite (the engine then collapses the env, SPEC §13).
 
-Batched layout, measured (``python /tmp/hb/micro3.py``-style micro-benchmark of one host
-minibatch forward+backward, E=32, minibatch 32, 8x8 digits, 2 shared CPU cores, best of 10
-interleaved rounds, ms): grouped conv 16.3 / 36.6 (quiet / loaded machine), torch.func
-``vmap(grad(functional_call))`` 18.3 / 54.2, unfold + bmm 42.9 / 235.7, per-env Python loop
-41.1 / 275.3; at 16x16 input grouped 51.5-188.8 vs vmap 64.0-215.8. Grouped convolutions won
-every round and also allow running a seed on a gathered env subset (vmap cannot skip envs), so
-they are used. Whole-backend figures: ``bench/test_bench_hosts.py``.
+Layout choice, measured on one host minibatch forward+backward (E=32, minibatch 32, 8x8 digits,
+2 CPU cores shared with other jobs, best of 10 interleaved rounds): grouped conv 16.3 ms vs
+torch.func ``vmap(grad(...))`` 18.3 ms vs unfold + bmm 42.9 ms vs a per-env Python loop 41.1 ms
+(quiet machine, 2 threads); under load 36.6 / 54.2 / 235.7 / 275.3 ms; one thread, process CPU
+time: grouped 15.9-16.4 ms vs vmap 22.4-29.1 ms (``bench/test_bench_hosts.py::test_layout_choice``).
+Grouped convolutions won every round and, unlike vmap, can run a seed on a gathered subset of
+envs, so they are used.
+
+Whole host epoch (``pytest bench/test_bench_hosts.py -s``: 4 minibatches of 32, 256 validation
+images, a mid-episode mix of seeds; one thread, process CPU time, same shared machine, two runs):
+batched vs per-env loop 0.071-0.081 s vs 0.155-0.166 s at E=8 (2.1-2.2x), 0.182-0.186 s vs
+0.588-0.643 s at E=32 (3.2-3.5x), 0.597-0.731 s vs 2.44-2.59 s at E=128 (3.5-4.1x). The batched
+path's per-env cost (~5 ms per env-epoch) is bound by memory traffic over the small-channel
+activations rather than by per-op overhead, so on a CPU the ratio grows only slowly with E; the
+design is accelerator-shaped (one kernel per layer for all envs).
 
 Not fullgraph-compilable: ``advance`` runs autograd and groups envs by blueprint on the host
-(one small device->host copy of the slot fields per call), so engines should not wrap it in
-``torch.compile(fullgraph=True)``.
+(one small device->host copy of the ``[E, S]`` slot fields per call, plus a check for new seeds),
+so engines should not wrap it in ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -91,7 +105,8 @@ _TRAINS = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)  # seed parameters get
 
 _ST_DATA = 1  # per-epoch data order, counter = aux["rng_counter"]
 _ST_HOST = 1000  # + parameter index: host init at reset (counter 0)
-_ST_SEED = 2000  # + 100 * slot + parameter index: seed init at germination (counter = germination epoch)
+_ST_SEED = 2000  # + 100 * slot + 10 * blueprint index (gate: 90) + parameter index: seed init at
+# germination (counter = germination epoch)
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class HostsConfig:
     minibatch_size: int = 32  # training images per env per minibatch
     minibatches_per_epoch: int = 16  # minibatches per host epoch (= per advance); cycles the split if larger
     val_size: int = 256  # validation images evaluated per epoch: a fixed prefix of the validation split
-    val_batch_size: int = 256  # validation images per chunk (memory: chunk x 2^S variants x E hosts)
+    val_chunk: int = 8192  # images x envs per validation chunk: bounds the working set (cache) and memory
     host_lr: float = 0.05  # SGD learning rate of the host parameters
     host_momentum: float = 0.9  # SGD momentum of the host parameters
     host_weight_decay: float = 0.0  # L2 weight decay of the host parameters
@@ -128,7 +143,7 @@ class HostsConfig:
             raise bad("channels", "a non-empty tuple of positive ints")
         if self.norm_groups < 1 or any(c % self.norm_groups for c in self.channels):
             raise bad("norm_groups", f"a positive divisor of every width in {self.channels}")
-        for name in ("minibatch_size", "minibatches_per_epoch", "val_size", "val_batch_size", "grad_stride",
+        for name in ("minibatch_size", "minibatches_per_epoch", "val_size", "val_chunk", "grad_stride",
                      "digits_val"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "an int >= 1")
@@ -454,6 +469,8 @@ class _Group:
 class BatchedHostsDynamics:
     """Real small CNN hosts, one per env, trained as one grouped model (see the module docstring)."""
 
+    compilable = False  # advance runs autograd and groups envs by blueprint on the host
+
     def __init__(self, cfg: EngineConfig, hcfg: HostsConfig | None = None) -> None:
         if hcfg is None:
             hcfg = cfg.dynamics_config if isinstance(cfg.dynamics_config, HostsConfig) else HostsConfig()
@@ -657,7 +674,9 @@ class BatchedHostsDynamics:
             out.index_add_(1, g.pos, d)
         return out.reshape(bsz, n * c, hh, ww)
 
-    def _block(self, hv: dict[str, torch.Tensor], i: int, h: torch.Tensor, n: int, folded: bool = False) -> torch.Tensor:
+    def _block(
+        self, hv: dict[str, torch.Tensor], i: int, h: torch.Tensor, n: int, folded: bool = False
+    ) -> torch.Tensor:
         """Host block ``i`` of ``n`` envs side by side (grouped conv; ``h`` ``[B, n*C, H, W]``).
         ``folded``: ``hv`` comes from :meth:`_eval_host_views` (norm gains made non-negative)."""
         w = hv[f"conv{i}.w"]
@@ -723,7 +742,8 @@ class BatchedHostsDynamics:
                 pos = tab.active[br.rows, i].nonzero().squeeze(1)
                 rows = br.rows[pos]
                 br.forks[i] = (groups, pos.to(self.device), len(branches))
-                branches.append(_Branch(br.bits | (1 << i), rows, self._eval_host_views(p["host"][rows.to(self.device)])))
+                hv = self._eval_host_views(p["host"][rows.to(self.device)])
+                branches.append(_Branch(br.bits | (1 << i), rows, hv))
         return branches
 
     def _variant_logits(self, p: dict[str, torch.Tensor], x: torch.Tensor, plan: list[_Branch]) -> list[torch.Tensor]:
@@ -770,12 +790,14 @@ class BatchedHostsDynamics:
             return self._assemble(plan, logits, tab)[sum(1 << s for s in off)].transpose(0, 1)
 
     # ------------------------------------------------------------------ one epoch
-    def train_epoch(self, state: State, aux: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    def train_epoch(
+        self, state: State, aux: dict, tab: _SlotTable | None = None
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
         """One host epoch of SGD for every env; returns (new aux, raw telemetry)."""
         h = self.hcfg
         sl = state["slots"]
         n_env = aux["rng_key"].shape[0]
-        tab = self._slot_table(state)
+        tab = self._slot_table(state) if tab is None else tab
         groups = [self._groups(tab, s, None, train=True) for s in range(self.n_slots)]
         order = self.data_order(aux)
         trains = _stage_in(sl["stage"], _TRAINS)
@@ -826,7 +848,7 @@ class BatchedHostsDynamics:
         telemetry = {"host_norm": host_norm / n_measured, "seed_norm": seed_norm / n_measured, "finite": finite}
         return p, telemetry
 
-    def evaluate(self, state: State, aux: dict) -> dict[str, torch.Tensor]:
+    def evaluate(self, state: State, aux: dict, tab: _SlotTable | None = None) -> dict[str, torch.Tensor]:
         """Validation of every env with all on/off seed variants in one batched pass per chunk.
 
         Returns val_loss, val_acc, acc_without_slot, acc_all_seeds_off, interaction_sum (see the
@@ -834,14 +856,15 @@ class BatchedHostsDynamics:
         """
         h = self.hcfg
         n_env = aux["rng_key"].shape[0]
-        tab = self._slot_table(state)
+        tab = self._slot_table(state) if tab is None else tab
         loss_sum = torch.zeros(n_env, device=self.device)
         with torch.no_grad():
             plan = self._eval_plan(aux, tab)
             correct = [torch.zeros(br.rows.numel(), device=self.device) for br in plan]
-            for start in range(0, h.val_size, h.val_batch_size):
-                x = self._val_x[start: start + h.val_batch_size]
-                y = self._val_y[start: start + h.val_batch_size]
+            step = max(1, h.val_chunk // n_env)
+            for start in range(0, h.val_size, step):
+                x = self._val_x[start: start + step]
+                y = self._val_y[start: start + step]
                 for k, logits in enumerate(self._variant_logits(aux, x, plan)):
                     correct[k] += (logits.argmax(-1) == y[:, None]).sum(0)
                     if k == 0:  # every seed on: the reported model
@@ -870,8 +893,9 @@ class BatchedHostsDynamics:
     def advance(self, state: State, aux: dict) -> tuple[dict[str, torch.Tensor], dict]:
         """One host epoch for every env, then validation: returns (metrics, new aux)."""
         aux = self.refresh_seeds(state, aux)
-        new_aux, tel = self.train_epoch(state, aux)
-        ev = self.evaluate(state, new_aux)
+        tab = self._slot_table(state)
+        new_aux, tel = self.train_epoch(state, aux, tab)
+        ev = self.evaluate(state, new_aux, tab)
         sl = state["slots"]
         n_env = aux["rng_key"].shape[0]
         trains = _stage_in(sl["stage"], _TRAINS)

@@ -168,6 +168,9 @@ _TRAINS = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
 class SurrogateDynamics:
     """Default host-dynamics backend (SPEC §11 "surrogate"); see the module docstring."""
 
+    compilable = True  # advance is a pure tensor function
+    seed_params_table = None  # seeds are priced by the spec's blueprint table
+
     def __init__(self, cfg: EngineConfig, scfg: SurrogateConfig | None = None) -> None:
         if scfg is None:
             given = cfg.dynamics_config
