@@ -50,22 +50,23 @@ def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[s
     advance = enabled & stage_in(stage, ADVANCEABLE_STAGES)
     if cfg.all_auto_forward:
         advance = torch.zeros_like(advance)
-    # stacked [6, S, E] (slot-major, like the state) and viewed [E, 6, S]
+    # Masks are built head-major ([6, S, E], [n, E]) and returned as [E, ...] views: every write
+    # is then a full-width vector over envs (see state.py on the slot-major layout).
     rows = (enabled, germinate, set_alpha, prune, fossilize, advance)
-    slot_by_op = torch.stack([r.T for r in rows]).permute(2, 0, 1)
-    op = slot_by_op.any(dim=2)
+    by_op = torch.stack([r.T for r in rows])  # [6, S, E]
+    op_t = by_op.any(dim=1)  # [6, E]
 
-    def full(n: int) -> torch.Tensor:
-        return torch.ones(n_envs, n, dtype=torch.bool, device=stage.device)
+    def full(n: int) -> torch.Tensor:  # constant: a broadcast view, never materialized
+        return tables.all_true[:n][None, :].expand(n_envs, n)
 
     def all_or_default(flag: torch.Tensor, n: int, default: int) -> torch.Tensor:
-        idx = torch.arange(n, device=stage.device)[None, :]
-        return flag[:, None] | (idx == default)
+        idx = torch.arange(n, device=stage.device)[:, None]
+        return (flag[None, :] | (idx == default)).T
 
-    styled = op[:, int(Op.GERMINATE)] | op[:, int(Op.SET_ALPHA_TARGET)]
+    styled = op_t[int(Op.GERMINATE)] | op_t[int(Op.SET_ALPHA_TARGET)]
     return {
-        "op": op,
-        "slot_by_op": slot_by_op,
+        "op": op_t.T,
+        "slot_by_op": by_op.permute(2, 0, 1),
         "blueprint": tables.blueprint_valid[None, :].expand(n_envs, -1),
         "style": all_or_default(styled, len(Style), int(STYLE_DEFAULT)),
         "tempo": full(len(TEMPO_EPOCHS)),

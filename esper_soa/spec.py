@@ -250,4 +250,5 @@ class SpecTables:
         self.style_algorithm = torch.tensor([int(a) for a in STYLE_ALGORITHM], **i64)
         enabled = enabled_slots if enabled_slots is not None else (True,) * n_slots
         self.slot_enabled = torch.tensor(enabled, dtype=torch.bool, device=dev)
+        self.all_true = torch.ones(max(FIXED_HEAD_SIZES.values()), dtype=torch.bool, device=dev)
         self.head_relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=dev)
