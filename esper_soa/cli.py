@@ -158,6 +158,50 @@ def demo(args: argparse.Namespace) -> None:
         print(format_stats(name, collect_baseline(name, cfg, args.episodes)))
 
 
+def train_command(args: argparse.Namespace) -> None:
+    """PPO on the surrogate, then a held-out comparison with the random and heuristic controllers."""
+    from dataclasses import replace
+
+    from esper_soa.train import TrainConfig, evaluate, evaluate_baseline, train
+
+    # the policy only ever samples valid actions, so the per-step validation sync is skipped
+    engine = replace(engine_config_from_args(args), validate_actions=False)
+    cfg = TrainConfig(
+        engine=engine,
+        updates=args.updates,
+        rollout_len=args.rollout_len,
+        collector=args.collector,
+        seed=args.seed,
+        hidden=args.hidden,
+        recurrent="lstm" if args.lstm else None,
+        lr=args.lr,
+        ppo_epochs=args.ppo_epochs,
+        minibatches=args.minibatches,
+        log_dir=args.log_dir,
+        checkpoint_every=args.checkpoint_every if args.log_dir else 0,
+    )
+    start = time.perf_counter()
+    result = train(cfg, resume=args.resume)
+    train_s = time.perf_counter() - start
+    seeds = [int(s) for s in args.eval_seeds.split(",")]
+    held_out = replace(engine, n_envs=args.eval_envs, compile=False)
+    rows = [
+        ("ppo (sampled)", evaluate(result.model, held_out, seeds, greedy=False)),
+        ("ppo (greedy)", evaluate(result.model, held_out, seeds, greedy=True)),
+        ("random", evaluate_baseline("random", held_out, seeds)),
+        ("heuristic", evaluate_baseline("heuristic", held_out, seeds)),
+    ]
+    frames = result.history[-1]["frames"] if result.history else 0
+    print(f"\ntrained {len(result.history)} updates ({frames:,} frames) in {train_s:.0f} s"
+          + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
+    print(f"held-out env seeds {seeds} x {args.eval_envs} envs, {engine.max_epochs}-epoch episodes, "
+          f"{engine.reward_mode} reward:")
+    print(f"{'controller':15s} {'mean return':>12s} {'final acc %':>12s} {'fossils/ep':>11s} {'episodes':>9s}")
+    for name, stats in rows:
+        print(f"{name:15s} {stats.mean_return:12.3f} {stats.mean_final_accuracy:12.2f} "
+              f"{stats.fossils_per_episode:11.3f} {stats.episodes:9d}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="esper-soa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +209,22 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(p_demo, n_envs=256, max_epochs=150)
     p_demo.add_argument("--episodes", type=int, default=1)
     p_demo.set_defaults(func=demo)
+    p_train = sub.add_parser("train", help="PPO on the surrogate (a few CPU minutes), compared with the baselines")
+    add_engine_args(p_train, n_envs=256, max_epochs=150)  # ~4 min on a busy 2-core CPU
+    p_train.add_argument("--updates", type=int, default=40)
+    p_train.add_argument("--rollout-len", type=int, default=None, help="steps per env per update (default: max epochs)")
+    p_train.add_argument("--collector", default="engine", choices=["engine", "torchrl"])
+    p_train.add_argument("--hidden", type=int, default=128)
+    p_train.add_argument("--lstm", action="store_true", help="LSTM after the MLP trunk")
+    p_train.add_argument("--lr", type=float, default=3e-4)
+    p_train.add_argument("--ppo-epochs", type=int, default=4)
+    p_train.add_argument("--minibatches", type=int, default=4)
+    p_train.add_argument("--log-dir", default=None, help="metrics.jsonl / metrics.csv / checkpoint.pt go here")
+    p_train.add_argument("--checkpoint-every", type=int, default=10)
+    p_train.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p_train.add_argument("--eval-seeds", default="1000,1001", help="held-out env seeds, comma-separated")
+    p_train.add_argument("--eval-envs", type=int, default=128)
+    p_train.set_defaults(func=train_command)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -21,6 +21,7 @@ action and the stored masks instead, giving the same log-prob at sampling and at
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +31,12 @@ from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
 MASK_FILL = -1e4  # masked logit (SPEC §14): exp(-1e4) underflows to exactly 0 in float32
 SLOT = HEAD_NAMES.index("slot")
 N_HEADS = len(HEAD_NAMES)
+
+
+@functools.cache
+def _relevance_table(device: torch.device) -> torch.Tensor:
+    """``HEAD_RELEVANCE`` as a ``[6, H]`` bool tensor, built once per device."""
+    return torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=device)
 
 
 def pad_head_masks(masks: Mapping[str, torch.Tensor], width: int) -> torch.Tensor:
@@ -49,8 +56,9 @@ def stack_action(action: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def unstack_action(action: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[..., H]`` -> ``{head: [...]}`` (views, no copy)."""
-    return {name: action[..., i] for i, name in enumerate(HEAD_NAMES)}
+    """``[..., H]`` -> ``{head: [...]}``, each contiguous: a compiled engine step guards on
+    strides, and column views (stride H) would make it recompile next to contiguous actions."""
+    return {name: action[..., i].contiguous() for i, name in enumerate(HEAD_NAMES)}
 
 
 class FactoredMaskedCategorical:
@@ -73,7 +81,7 @@ class FactoredMaskedCategorical:
         self.head_masks = head_masks
         self.slot_by_op = slot_by_op
         self.n_slots = slot_by_op.shape[-1]
-        self._relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=logits.device)
+        self._relevance = _relevance_table(logits.device)
 
     @classmethod
     def from_heads(
@@ -102,11 +110,13 @@ class FactoredMaskedCategorical:
 
         A hand-written softmax sharing one ``exp``: ``torch.log_softmax`` over a last dim of 13
         is ~5x slower on CPU, and this is the hottest op of the PPO update. The max is detached
-        (a constant shift), so gradients are exact. Masked entries get probability exactly 0."""
+        (a constant shift), so gradients are exact. Masked entries get probability exactly 0
+        (``exp(-inf)``: CPU ``exp`` takes a ~5x slower path on large finite negatives) and the
+        finite log-prob ``MASK_FILL - logsumexp``."""
         masks = self.masks_given_op(op)
         x = self.logits.masked_fill(~masks, MASK_FILL)
         x = x - x.detach().amax(-1, keepdim=True)
-        e = x.exp()
+        e = x.masked_fill(~masks, -float("inf")).exp()
         z = e.sum(-1, keepdim=True)
         return x - z.log(), e / z, masks
 

@@ -113,7 +113,7 @@ class Engine:
         """One decision + one host epoch for every env (SPEC §4). Does not auto-reset."""
         if not self._started:
             raise RuntimeError("Engine.step called before Engine.reset()")
-        action = {k: action[k] for k in HEAD_NAMES}
+        action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
         validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
         self._state, self.aux, out = self._step_fn(self._state, self.aux, action, self.masks["slot_by_op"])
         self.masks = _masks_of(out)
@@ -159,6 +159,7 @@ class Engine:
         """The whole step as one function (compiled as one graph for compilable backends)."""
         new, op, success, reward = self._act_fn(state, action, slot_by_op)
         metrics, aux = self.dynamics.advance(new, aux)
+        aux = {k: v.contiguous() for k, v in aux.items()}  # one layout for step and reset graphs
         new, out, _ = self._finish_fn(new, metrics, reward)
         out.update(executed_op=op, success=success)
         return new, aux, out
@@ -169,7 +170,10 @@ class Engine:
         fresh_aux = self.dynamics.reset_aux(aux, rows, keys)
         fresh, fresh_aux, _ = self._host_epoch(self._fresh, fresh_aux)
         state = reset_rows(state, fresh, rows)
-        aux = {k: torch.where(rows.reshape((-1,) + (1,) * (v.dim() - 1)), fresh_aux[k], v) for k, v in aux.items()}
+        aux = {
+            k: torch.where(rows.reshape((-1,) + (1,) * (v.dim() - 1)), fresh_aux[k], v).contiguous()
+            for k, v in aux.items()
+        }
         out = emit(state, self.tables, self.cfg)
         false = torch.zeros_like(rows)[:, None]
         out.update(

@@ -95,7 +95,9 @@ class FactoredPPOLoss(LossModule):
         super().__init__()
         multipliers = dict(ENTROPY_MULTIPLIERS if entropy_multipliers is None else entropy_multipliers)
         if set(multipliers) != set(HEAD_NAMES):
-            raise ValueError(f"entropy_multipliers: expected one entry per head {HEAD_NAMES}, got {sorted(multipliers)}")
+            raise ValueError(
+                f"entropy_multipliers: expected one entry per head {HEAD_NAMES}, got {sorted(multipliers)}"
+            )
         self.actor_critic = actor_critic
         self.clip_epsilon = clip_epsilon
         self.critic_coef = critic_coef
@@ -106,7 +108,6 @@ class FactoredPPOLoss(LossModule):
         self.lmbda = lmbda
         coefs = torch.tensor([entropy_coef * multipliers[h] for h in HEAD_NAMES], dtype=torch.float32)
         self.register_buffer("entropy_coefs", coefs)
-        self._in_keys = None
 
     # --- TorchRL plumbing -------------------------------------------------------------------
     @property

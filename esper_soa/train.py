@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torchrl.collectors import Collector
+from torchrl.envs import Compose, RewardSum, TransformedEnv
 from tqdm.auto import tqdm
 
 from esper_soa.cli import RolloutStats, collect_baseline, final_stats, run_collector
@@ -116,7 +118,8 @@ class TrainConfig:
             raise bad("minibatches", f"at most {units} (the {'env rows' if self.recurrent else 'frames'} of a rollout)")
         if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lmbda <= 1.0:
             raise bad("gamma", "gamma in (0, 1] and lmbda in [0, 1]")
-        for name in ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "obs_clip", "reward_clip", "advantage_std_floor"):
+        positive = ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "obs_clip", "reward_clip", "advantage_std_floor")
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise bad(name, "a positive number")
         for name in ("entropy_coef", "critic_coef", "forced_value_weight"):
@@ -181,6 +184,7 @@ def _observation_td(out: TensorDictBase, batch_size: torch.Size) -> TensorDict:
     return TensorDict(
         {"observation": out.get("observation"), "blueprint_index": out.get("blueprint_index"), "masks": masks},
         batch_size=batch_size,
+        device=out.device,
     )
 
 
@@ -220,11 +224,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.device = torch.device(cfg.engine.device)
         torch.manual_seed(cfg.seed)
-        self.model = make_model(cfg)
-        self.loss = make_loss(cfg, self.model)
+        self.model = make_model(cfg).to(self.device)
+        self.loss = make_loss(cfg, self.model).to(self.device)
         self.optim = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.reward_norm = RewardNormalizer(cfg.engine.n_envs, cfg.gamma, cfg.reward_clip, cfg.normalize_reward)
+        self.reward_norm.to(self.device)
         self.batch_size = torch.Size([cfg.engine.n_envs])
         self.update_index = 0
         self.frames = 0
@@ -234,14 +240,10 @@ class Trainer:
             self.engine = Engine(cfg.engine)
             self.loss.make_value_estimator(value_network=None)  # values come with the rollout
         else:
-            from torchrl.collectors import Collector
-            from torchrl.envs import Compose, RewardSum, TransformedEnv
-
             env = EsperEnv(cfg.engine)
             self.engine = env.engine
             self.env = TransformedEnv(env, Compose(RewardSum(), *self.model.env_transforms()))
             self.loss.make_value_estimator()
-            self._collector_cls = Collector
 
     # --- collection -------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,8 +283,8 @@ class Trainer:
     def _fresh_carry(self, out: TensorDictBase) -> TensorDict:
         carry = _observation_td(out, self.batch_size)
         if self.model.lstm is not None:
-            carry.update(self.model.initial_state(self.cfg.engine.n_envs))
-            carry.set("is_init", torch.ones(*self.batch_size, 1, dtype=torch.bool))
+            carry.update(self.model.initial_state(self.cfg.engine.n_envs, self.device))
+            carry.set("is_init", torch.ones(*self.batch_size, 1, dtype=torch.bool, device=self.device))
         return carry
 
     def _next_carry(self, td: TensorDict, out: TensorDictBase, rows: torch.Tensor) -> TensorDict:
@@ -297,7 +299,7 @@ class Trainer:
     def _collect_torchrl(self) -> TensorDict:
         if self._collector is None:
             self._collector = iter(
-                self._collector_cls(
+                Collector(
                     self.env,
                     self.model.policy,
                     frames_per_batch=self.cfg.frames_per_update,
@@ -328,10 +330,14 @@ class Trainer:
         done_minibatches, early_stop = 0, False
         params = list(self.model.parameters())
         for _ in range(cfg.ppo_epochs):
-            for index in torch.randperm(n).split(size):
-                out = self.loss(data[index])
+            shuffled = data[torch.randperm(n, device=self.device)]  # one gather per epoch; minibatches are views
+            for start in range(0, n, size):
+                out = self.loss(shuffled[start : start + size])
                 if cfg.target_kl is not None and float(out["approx_kl"]) > cfg.target_kl:
                     early_stop = True
+                    if not sums:  # nothing applied: report the minibatch that stopped it
+                        sums = {k: v.detach() for k, v in out.items()}
+                        sums["grad_norm"] = torch.zeros((), device=self.device)
                     break
                 total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
                 self.optim.zero_grad(set_to_none=True)
@@ -345,7 +351,7 @@ class Trainer:
             if early_stop:
                 break
         metrics = {k: v / max(done_minibatches, 1) for k, v in sums.items()}
-        entropy = metrics.pop("entropy", torch.zeros(len(HEAD_NAMES)))
+        entropy = metrics.pop("entropy")
         metrics.update({f"entropy_{h}": entropy[i] for i, h in enumerate(HEAD_NAMES)})
         metrics["minibatches"] = torch.tensor(done_minibatches)
         metrics["early_stop"] = torch.tensor(early_stop)
@@ -447,10 +453,12 @@ class Trainer:
                 if logger is not None:
                     logger.write(row)
                 ret = row["mean_return"]
-                bar.set_postfix(ret="-" if ret is None else f"{ret:.2f}", kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:,.0f}")
+                ret = "-" if ret is None else f"{ret:.2f}"
+                bar.set_postfix(ret=ret, kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:,.0f}")
                 bar.update(1)
                 last = self.update_index == cfg.updates
-                if log_dir is not None and (last or (cfg.checkpoint_every and self.update_index % cfg.checkpoint_every == 0)):
+                every = cfg.checkpoint_every and self.update_index % cfg.checkpoint_every == 0
+                if log_dir is not None and (last or every):
                     checkpoint = self.save(log_dir / "checkpoint.pt")
         finally:
             bar.close()
@@ -534,8 +542,9 @@ def evaluate(
     previous = model.actor.deterministic
     model.actor.deterministic = greedy
     try:
+        transforms = model.env_transforms()
         runs = [
-            run_collector(EsperEnv(replace(cfg, seed=s)), model.policy, frames, frames * episodes, transforms=model.env_transforms())
+            run_collector(EsperEnv(replace(cfg, seed=s)), model.policy, frames, frames * episodes, transforms)
             for s in seeds
         ]
     finally:
