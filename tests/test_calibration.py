@@ -37,12 +37,7 @@ from esper_soa.dynamics.surrogate import SurrogateConfig, SurrogateDynamics
 from esper_soa.spec import Stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HOST_TRUTH = SurrogateConfig(

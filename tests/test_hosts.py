@@ -40,12 +40,7 @@ S = 3
 HCFG = HostsConfig(minibatch_size=16, minibatches_per_epoch=3, val_size=64, val_chunk=200, grad_stride=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (stage, blueprint, algorithm, alpha) per slot, one row per env: every stage, blueprint and
