@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,12 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise bad("device", "a torch device", self.device) from exc
+
+    @functools.cached_property
+    def torch_device(self) -> torch.device:
+        """The device as tensors report it: ``"cuda"`` becomes ``cuda:<current index>``, so
+        device checks compare like with like."""
+        return torch.empty(0, device=self.device).device
 
     @property
     def slots_enabled(self) -> tuple[bool, ...]:

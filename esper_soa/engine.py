@@ -59,7 +59,7 @@ class Engine:
 
     def __init__(self, cfg: EngineConfig, dynamics: DynamicsBackend | None = None) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = cfg.torch_device
         self.tables = SpecTables(cfg.topology, cfg.n_slots, self.device, cfg.enabled_slots)
         self.dynamics = dynamics if dynamics is not None else make_dynamics(cfg, self.tables)
         if getattr(self.dynamics, "seed_params_table", None) is not None:

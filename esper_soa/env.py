@@ -68,7 +68,7 @@ class EsperEnv(EnvBase):
         self, cfg: EngineConfig | None = None, dynamics: DynamicsBackend | None = None, **overrides
     ) -> None:
         cfg = replace(cfg or EngineConfig(), **overrides)
-        device = torch.device(cfg.device)
+        device = cfg.torch_device
         super().__init__(device=device, batch_size=torch.Size([cfg.n_envs]))
         self.cfg = cfg
         self.engine = Engine(cfg, dynamics)

@@ -166,7 +166,7 @@ class HeuristicTables:
     """Static tensors of one controller on the engine's device."""
 
     def __init__(self, cfg: EngineConfig, hcfg: HeuristicConfig) -> None:
-        self.device = torch.device(cfg.device)
+        self.device = cfg.torch_device
         self.rotation = torch.tensor(hcfg.rotation(cfg.topology), dtype=torch.int64, device=self.device)
 
 
@@ -335,7 +335,7 @@ class HeuristicController:
     def __init__(self, cfg: EngineConfig, hcfg: HeuristicConfig | None = None, compile: bool | None = None) -> None:
         self.cfg = cfg
         self.hcfg = hcfg if hcfg is not None else HeuristicConfig()
-        self.device = torch.device(cfg.device)
+        self.device = cfg.torch_device
         self.tables = HeuristicTables(cfg, self.hcfg)
         self.memory: Memory = initial_memory(cfg.n_envs, self.device)
         self._step = functools.partial(heuristic_step, tables=self.tables, hcfg=self.hcfg, cfg=cfg)

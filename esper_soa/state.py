@@ -90,7 +90,7 @@ def _fill(shape: tuple[int, ...], dtype: torch.dtype, value: float, device: torc
 
 def make_state(cfg: EngineConfig, device: torch.device | str | None = None) -> TensorDict:
     """Allocate a neutral state ``[E]`` (+ ``[E, S]`` slots) on ``device`` (default: cfg.device)."""
-    dev = torch.device(cfg.device if device is None else device)
+    dev = cfg.torch_device if device is None else torch.device(device)
     e, s = cfg.n_envs, cfg.n_slots
     slots = TensorDict(
         {k: _fill((s, e), dt, v, dev).T for k, (dt, v) in SLOT_FIELDS.items()},

@@ -224,7 +224,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.engine.device)
+        self.device = cfg.engine.torch_device
         torch.manual_seed(cfg.seed)
         self.model = make_model(cfg).to(self.device)
         self.loss = make_loss(cfg, self.model).to(self.device)

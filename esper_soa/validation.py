@@ -21,7 +21,7 @@ def validate_action(
     check_values: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the head, what was expected and what came."""
-    device = torch.device(cfg.device)
+    device = cfg.torch_device
     sizes = head_sizes(cfg.n_slots)
     for name in HEAD_NAMES:
         if name not in action:
@@ -33,7 +33,7 @@ def validate_action(
             raise ValueError(f"action[{name!r}]: expected shape ({cfg.n_envs},), got {tuple(a.shape)}")
         if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"action[{name!r}]: expected an integer dtype, got {a.dtype}")
-        if a.device.type != device.type:
+        if a.device != device:
             raise ValueError(f"action[{name!r}]: expected device {device}, got {a.device}")
     if not check_values:
         return

@@ -99,6 +99,8 @@ def test_validate_action_errors_are_specific() -> None:
         validate_action({**ok, "op": torch.zeros(2, dtype=torch.int64)}, masks, cfg)
     with pytest.raises(ValueError, match="integer dtype"):
         validate_action({**ok, "op": torch.zeros(3)}, masks, cfg)
+    with pytest.raises(ValueError, match="expected device cpu, got meta"):
+        validate_action({**ok, "op": torch.zeros(3, dtype=torch.int64, device="meta")}, masks, cfg)
     with pytest.raises(ValueError, match=r"indices in \[0, 2\), got 5"):
         validate_action({**ok, "slot": torch.tensor([0, 5, 0])}, masks, cfg)
     with pytest.raises(ValueError, match="missing head 'alpha_curve'"):

@@ -484,7 +484,7 @@ class BatchedHostsDynamics:
         self.cfg = cfg
         self.hcfg = hcfg
         self.n_slots = cfg.n_slots
-        self.device = torch.device(cfg.device)
+        self.device = cfg.torch_device
         digits = {"n_val": hcfg.digits_val, "image_size": hcfg.image_size} if hcfg.dataset == "digits" else {}
         self.data: HostDataset = load_dataset(hcfg.dataset, hcfg.data_path, self.device, **digits)
         if hcfg.val_size > self.data.x_val.shape[0]:

@@ -180,7 +180,7 @@ class SurrogateDynamics:
         self.cfg = cfg
         self.scfg = scfg
         self.n_slots = cfg.n_slots
-        self.device = torch.device(cfg.device)
+        self.device = cfg.torch_device
         tables = SpecTables(cfg.topology, cfg.n_slots, self.device)
         # [S, 13] size factor of each blueprint at each slot (0 for NOOP, which has no parameters)
         self.size_scale = (tables.blueprint_params / scfg.size_ref_params) ** scfg.size_exponent
