@@ -11,8 +11,8 @@ import torch
 from esper_soa.config import EngineConfig
 from esper_soa.spec import (
     CF_FRESHNESS_DECAY,
+    FIXED_HEAD_SIZES,
     AlphaMode,
-    Op,
     SpecTables,
     Stage,
 )
@@ -63,7 +63,7 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
             torch.where(observed, state["acc_history"] / 100.0, sentinel).T,
             counts.to(f) / n_slots,
             state["last_action_success"].to(f)[None],
-            _onehot(state["last_op"], torch.arange(len(Op), device=stage.device)).T,
+            _onehot(state["last_op"], torch.arange(FIXED_HEAD_SIZES["op"], device=stage.device)).T,
         ]
     )
 

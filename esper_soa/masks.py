@@ -18,13 +18,12 @@ from esper_soa.spec import (
     GERMINATE_BLOCKING_STAGES,
     MIN_PRUNE_AGE,
     PRUNABLE_STAGES,
+    FIXED_HEAD_SIZES,
     STYLE_DEFAULT,
-    AlphaCurve,
     AlphaMode,
     Op,
     SpecTables,
     Stage,
-    Style,
     TEMPO_EPOCHS,
     ALPHA_SPEED_TICKS,
 )
@@ -68,11 +67,11 @@ def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[s
         "op": op_t.T,
         "slot_by_op": by_op.permute(2, 0, 1),
         "blueprint": tables.blueprint_valid[None, :].expand(n_envs, -1),
-        "style": all_or_default(styled, len(Style), int(STYLE_DEFAULT)),
+        "style": all_or_default(styled, FIXED_HEAD_SIZES["style"], int(STYLE_DEFAULT)),
         "tempo": full(len(TEMPO_EPOCHS)),
         "alpha_target": all_or_default(styled, len(ALPHA_TARGETS), ALPHA_TARGET_DEFAULT),
         "alpha_speed": full(len(ALPHA_SPEED_TICKS)),
-        "alpha_curve": full(len(AlphaCurve)),
+        "alpha_curve": full(FIXED_HEAD_SIZES["alpha_curve"]),
     }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import stage_in
-from esper_soa.spec import GAMMA, LIVE_STAGES, MIN_PRUNE_AGE, PRUNABLE_STAGES, N_STAGE_CODES, Op, Stage
+from esper_soa.spec import GAMMA, LIVE_STAGES, MIN_PRUNE_AGE, N_STAGE_CODES, OPS, PRUNABLE_STAGES, Op, Stage
 from esper_soa.state import State
 
 # Potential base per stage code (SPEC §12); stages not listed are 0.
@@ -70,7 +70,7 @@ def reward_terms(
     p = acc - t["accuracy_at_germination"]
     e = t["epochs_in_stage"].to(f)
     age = t["seed_age"].to(f)
-    is_op = {o: op == int(o) for o in Op}
+    is_op = {o: op == int(o) for o in OPS}
 
     # (a) bounded attribution + ratio penalty
     harmonic = 2 * p * c / torch.where((p + c) > 0, p + c, torch.ones_like(c))

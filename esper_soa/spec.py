@@ -106,6 +106,10 @@ ALPHA_TARGET_DEFAULT = 2  # FULL
 
 # Action heads in contract order (SPEC §2). The slot head's size is the configured S.
 HEAD_NAMES = ("op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+# Enum members as plain tuples: code under torch.compile iterates these, not the enum classes
+# (dynamo in torch 2.11 on Python 3.12 cannot trace ``iter(EnumClass)``).
+OPS: tuple[Op, ...] = tuple(Op)
+
 FIXED_HEAD_SIZES = {
     "op": len(Op),
     "blueprint": len(Blueprint),
