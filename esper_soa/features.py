@@ -36,9 +36,11 @@ def _frac(x: torch.Tensor, max_epochs: int) -> torch.Tensor:
 def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (observation [E, 23 + 31 S] float32, blueprint index [E, S] int64).
 
-    Features are stacked feature-major (``[F, E]`` / ``[F, E, S]``, each feature a contiguous
-    vectorized write) and transposed once into the env-major observation: stacking on the last
-    dim instead makes every feature a strided pass over the whole output.
+    Features are stacked feature-major (``[F, E]`` and, for the slots, ``[S, 31, E]``: each
+    feature a contiguous vectorized write) and the ``[23 + 31 S, E]`` result is transposed once
+    into the env-major observation (a tiled 2-D transpose). Stacking on the last dim instead makes
+    every feature a strided pass over the whole output, and an ``[31, E, S]`` block needs a
+    div/mod per element to reach the ``(slot, feature)`` column.
     """
     sl = state["slots"]
     stage = sl["stage"]
@@ -67,44 +69,51 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
         ]
     )
 
-    has_seed = (stage != int(Stage.DORMANT)) & (stage != int(Stage.UNKNOWN))
-    holding = sl["alpha_mode"] == int(AlphaMode.HOLD)
-    total = sl["alpha_steps_total"]
-    velocity = (sl["alpha_target"] - sl["alpha_start"]) / total.clamp(min=1).to(f)
+    # slot part, built slot-major: each feature is a [S, E] tensor (the storage layout of the slot
+    # fields), stacked to [S, 31, E] = [S * 31, E]; that is already the feature-major block of the
+    # observation, so the whole observation is one plain 2-D transpose of [23 + 31 S, E]
+    slt = {k: v.T for k, v in sl.items()}
+    stage_t = slt["stage"]
+    has_seed = (stage_t != int(Stage.DORMANT)) & (stage_t != int(Stage.UNKNOWN))
+    holding = slt["alpha_mode"] == int(AlphaMode.HOLD)
+    total = slt["alpha_steps_total"]
+    velocity = (slt["alpha_target"] - slt["alpha_start"]) / total.clamp(min=1).to(f)
     freshness = torch.where(
-        sl["contribution_measured"],
-        CF_FRESHNESS_DECAY ** sl["epochs_since_measurement"].to(f),
-        torch.full_like(sl["alpha"], -1.0),
+        slt["contribution_measured"],
+        CF_FRESHNESS_DECAY ** slt["epochs_since_measurement"].to(f),
+        torch.full_like(slt["alpha"], -1.0),
     )
     per_slot = [
-        has_seed.to(f)[None],
-        _onehot(stage, tables.stage_codes).permute(2, 0, 1),
+        has_seed.to(f)[:, None],
+        _onehot(stage_t, tables.stage_codes).transpose(1, 2),
         torch.stack(
             [
-                sl["alpha"],
-                (sl["contribution"] / 10.0).clamp(-1.0, 1.0),
-                (sl["contribution_velocity"] / 10.0).clamp(-1.0, 1.0),
-                sl["tempo"].to(f) / 12.0,
-                sl["alpha_target"],
-                sl["alpha_mode"].to(f) / 2.0,
+                slt["alpha"],
+                (slt["contribution"] / 10.0).clamp(-1.0, 1.0),
+                (slt["contribution_velocity"] / 10.0).clamp(-1.0, 1.0),
+                slt["tempo"].to(f) / 12.0,
+                slt["alpha_target"],
+                slt["alpha_mode"].to(f) / 2.0,
                 _frac(total, horizon),
-                _frac(sl["alpha_steps_done"], horizon),
-                _frac(total - sl["alpha_steps_done"], horizon),
+                _frac(slt["alpha_steps_done"], horizon),
+                _frac(total - slt["alpha_steps_done"], horizon),
                 torch.where(holding, torch.zeros_like(velocity), velocity.clamp(-1.0, 1.0)),
-                (sl["algorithm"].to(f) - 1.0) / 2.0,
-                (sl["interaction_sum"] / 10.0).clamp(-1.0, 1.0),
-                symlog(sl["gradient_norm"]) / 7.0,
-                torch.where(sl["gradient_measured"], sl["gradient_health"], torch.zeros_like(sl["alpha"])),
-                sl["has_vanishing"].to(f),
-                sl["has_exploding"].to(f),
-                sl["previous_gradient_health"],
-                _frac(sl["epochs_in_stage"], horizon),
-                _frac(sl["seed_age"], horizon),
+                (slt["algorithm"].to(f) - 1.0) / 2.0,
+                (slt["interaction_sum"] / 10.0).clamp(-1.0, 1.0),
+                symlog(slt["gradient_norm"]) / 7.0,
+                torch.where(slt["gradient_measured"], slt["gradient_health"], torch.zeros_like(slt["alpha"])),
+                slt["has_vanishing"].to(f),
+                slt["has_exploding"].to(f),
+                slt["previous_gradient_health"],
+                _frac(slt["epochs_in_stage"], horizon),
+                _frac(slt["seed_age"], horizon),
                 freshness,
-            ]
+            ],
+            dim=1,
         ),
     ]
-    slot_feats = torch.cat(per_slot) * has_seed.to(f)[None]  # [31, E, S]
-    obs = torch.cat([base.T, slot_feats.permute(1, 2, 0).reshape(n_envs, -1)], dim=1)
+    slot_feats = torch.cat(per_slot, dim=1) * has_seed.to(f)[:, None]  # [S, 31, E]
+    obs = torch.cat([base, slot_feats.reshape(-1, n_envs)]).T.contiguous()
+    has_seed = has_seed.T
     blueprint_index = torch.where(has_seed, sl["blueprint"], torch.zeros_like(sl["blueprint"]))
     return obs, blueprint_index

@@ -12,6 +12,7 @@ import torch
 
 from esper_soa.alpha import hold_at, retarget, tick_alpha
 from esper_soa.config import EngineConfig
+from esper_soa.dynamics.base import METRIC_FIELDS
 from esper_soa.spec import (
     ALPHA_ATOL,
     EMBARGO_EPOCHS,
@@ -248,10 +249,15 @@ def tick(state: State, cfg: EngineConfig) -> State:
     return st
 
 
+PER_SLOT_METRICS = tuple(k for k, (_, per_slot) in METRIC_FIELDS.items() if per_slot)
+
+
 # --- record-epoch (SPEC §4 step 5) -------------------------------------------------------------
 def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     """Write one epoch of dynamics metrics into the state (histories, counterfactuals, grads)."""
     st, sl = copy_state(state)
+    # per-slot metrics in the slot fields' layout first: one transpose each, instead of one per use
+    metrics = {**metrics, **slot_major({k: metrics[k] for k in PER_SLOT_METRICS})}
     val_acc = metrics["val_acc"]
     for name in ("val_loss", "val_acc", "acc_all_seeds_off", "host_params"):
         st[name] = metrics[name].to(st[name].dtype)

@@ -130,6 +130,14 @@ def neutral_slots_like(slots: State) -> State:
     return {k: torch.full_like(slots[k], SLOT_FIELDS[k][1]) for k in SLOT_FIELDS}
 
 
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, a, b)``; bool values as ``(mask & a) | (~mask & b)``, which inductor's
+    CPU code keeps in vector mask registers (its vectorized bool ``where`` is an element loop)."""
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return (mask & a) | (~mask & b)
+    return torch.where(mask, a, b)
+
+
 def update(fields: State, sel: torch.Tensor, **values: torch.Tensor | float | int | bool) -> None:
     """In the dict ``fields``, replace each named tensor by ``where(sel, value, old)``.
 
@@ -140,12 +148,12 @@ def update(fields: State, sel: torch.Tensor, **values: torch.Tensor | float | in
         old = fields[name]
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(value, dtype=old.dtype, device=old.device)
-        fields[name] = torch.where(sel, value.to(old.dtype), old)
+        fields[name] = select(sel, value.to(old.dtype), old)
 
 
 def where_slots(mask: torch.Tensor, a: State, b: State) -> State:
     """Per-field ``torch.where(mask, a, b)`` over every slot field; ``mask`` broadcasts to [E,S]."""
-    return {k: torch.where(mask, a[k], b[k]) for k in a}
+    return {k: select(mask, a[k], b[k]) for k in a}
 
 
 def reset_rows(state: State, fresh: State, rows: torch.Tensor) -> State:
@@ -159,5 +167,5 @@ def reset_rows(state: State, fresh: State, rows: torch.Tensor) -> State:
             out[k] = where_slots(rows[:, None], fresh["slots"], v)
         else:
             m = rows.reshape(rows.shape + (1,) * (v.dim() - 1))
-            out[k] = torch.where(m, fresh[k], v)
+            out[k] = select(m, fresh[k], v)
     return out
