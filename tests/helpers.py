@@ -58,4 +58,5 @@ def random_action(
 
 
 def to_numpy(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.cpu().numpy() for k, v in d.items()}
+    """Tensors to numpy arrays, nested dicts (the state's ``slots``) included."""
+    return {k: to_numpy(v) if isinstance(v, dict) else v.cpu().numpy() for k, v in d.items()}
