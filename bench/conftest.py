@@ -48,6 +48,33 @@ def time_without_gc(run: Callable[[], object], setup: Callable[[], object], roun
     return sum(times) / len(times)
 
 
+def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, metrics: dict, rounds: int) -> None:
+    """Time the per-env reference (transition + masks + observation) on the batched variants' work.
+
+    Every round starts from ``state`` (the batched variant's own mid-episode state) with the same
+    action and metrics. The GC stays on, as in the original system; its full passes land in every
+    other round at E = 4096, so ``rounds`` should be even. The GC-off mean, the figure most
+    favourable to the loop, goes to ``results[("reference_nogc", E)]``.
+    """
+    from esper_soa.reference import ReferenceEngine
+    from tests.helpers import to_numpy
+
+    ref = ReferenceEngine(cfg)
+    np_state, np_action, np_metrics = to_numpy(state), to_numpy(action), to_numpy(metrics)
+
+    def run() -> None:
+        ref.transition(np_action, np_metrics)
+        ref.masks()
+        ref.observation()
+
+    def setup() -> None:
+        ref.load_state(np_state)
+
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+    results[("reference_nogc", cfg.n_envs)] = time_without_gc(run, setup, rounds=2)
+    benchmark.extra_info["mean_s_gc_off"] = results[("reference_nogc", cfg.n_envs)]
+
+
 def require(results: dict, *keys: tuple) -> None:
     missing = [k for k in keys if k not in results]
     if missing:

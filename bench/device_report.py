@@ -171,33 +171,12 @@ def env_section(device: torch.device, n_envs: int, rounds: int) -> dict:
 
 
 def hosts_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
-    from esper_soa.dynamics.hosts import BatchedHostsDynamics, evaluate_single_host, slot_setups, train_single_host
-    from bench.test_bench_hosts import HCFG, MB, PATTERNS
-    from esper_soa.state import make_state
+    from bench.test_bench_hosts import per_env_loop, setup
 
     rows = {}
     for n_envs in sizes:
-        cfg = EngineConfig(n_envs=n_envs, n_slots=3, device=str(device))
-        dyn = BatchedHostsDynamics(cfg, HCFG)
-        state = make_state(cfg, torch.device(device)).to_dict()
-        sl = state["slots"]
-        for e in range(n_envs):
-            for s, spec in enumerate(PATTERNS[e % len(PATTERNS)]):
-                if spec is not None:
-                    stage, bp, algo, alpha = spec
-                    sl["stage"][e, s], sl["blueprint"][e, s] = int(stage), int(bp)
-                    sl["algorithm"][e, s], sl["alpha"][e, s] = int(algo), alpha
-        aux = dyn.refresh_seeds(state, dyn.init_aux(n_envs, 0))
-        data, order = dyn.data, dyn.data_order(aux)
-        per_env = [(dyn.env_params(aux, e), dyn.env_params(aux, e, momentum=True), slot_setups(state, e))
-                   for e in range(n_envs)]
-
-        def loop() -> None:
-            for e, (p, m, slots) in enumerate(per_env):
-                batches = [(data.images(data.x_train[order[e, i]]), data.y_train[order[e, i]]) for i in range(MB)]
-                p1, _, _ = train_single_host(p, m, slots, batches, HCFG)
-                evaluate_single_host(p1, slots, dyn._val_x, dyn._val_y, HCFG)
-
+        dyn, state, aux = setup(n_envs, device=str(device))
+        loop = per_env_loop(dyn, state, aux)
         t_batched = time_calls(lambda: dyn.advance(state, aux), device, rounds)
         t_loop = time_calls(loop, device, max(2, rounds // 2), warmup=1)
         rows[f"{n_envs}"] = {"batched_epoch_ms": 1e3 * t_batched, "loop_epoch_ms": 1e3 * t_loop,

@@ -15,12 +15,10 @@ import resource
 import pytest
 import torch
 
-from bench.conftest import print_rates, record, require, time_without_gc
+from bench.conftest import bench_reference, print_rates, record, require
 from esper_soa.config import EngineConfig
 from esper_soa.engine import Engine
 from esper_soa.masks import sample_masked_action
-from esper_soa.reference import ReferenceEngine
-from tests.helpers import to_numpy
 
 SIZES = (1024, 4096, 65536)
 
@@ -46,24 +44,7 @@ def test_full_step(benchmark, results, variant: str, n_envs: int) -> None:
     if variant == "reference":
         engine, actions = _engine(n_envs, compile=False)
         metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
-        ref = ReferenceEngine(engine.cfg)
-        np_metrics, np_state = to_numpy(metrics), to_numpy(engine._state)
-        np_action = to_numpy(actions[0])
-
-        def run():
-            ref.transition(np_action, np_metrics)
-            ref.masks()
-            ref.observation()
-
-        # every round starts from the engine's mid-episode state, so each does the same work
-        def setup() -> None:
-            ref.load_state(np_state)
-
-        # the GC stays on, as in the original system (its full passes land in every other round at
-        # E = 4096: 6 rounds average them); the GC-off figure, most favourable to the loop, too
-        benchmark.pedantic(run, setup=setup, rounds=1 if n_envs > 4096 else 6, iterations=1)
-        results[("reference_nogc", n_envs)] = time_without_gc(run, setup, rounds=2)
-        benchmark.extra_info["mean_s_gc_off"] = results[("reference_nogc", n_envs)]
+        bench_reference(benchmark, results, engine.cfg, engine._state, actions[0], metrics, 1 if n_envs > 4096 else 6)
     else:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         engine, actions = _engine(n_envs, compile=variant == "compiled")

@@ -63,8 +63,8 @@ def _threads():
     torch.set_num_threads(before)
 
 
-def setup(n_envs: int, seeds: bool = True) -> tuple[BatchedHostsDynamics, dict, dict]:
-    cfg = EngineConfig(n_envs=n_envs, n_slots=3)
+def setup(n_envs: int, seeds: bool = True, device: str = "cpu") -> tuple[BatchedHostsDynamics, dict, dict]:
+    cfg = EngineConfig(n_envs=n_envs, n_slots=3, device=device)
     dyn = BatchedHostsDynamics(cfg, HCFG)
     state = make_state(cfg).to_dict()
     sl = state["slots"]
@@ -91,24 +91,31 @@ def best_interleaved(fns: list[Callable[[], object]], rounds: int) -> list[float
     return best
 
 
-@pytest.mark.parametrize("n_envs", [8, 32, 128])
-def test_host_epoch_throughput(benchmark, n_envs: int) -> None:
-    dyn, state, aux = setup(n_envs)
-    data = dyn.data
-    order = dyn.data_order(aux)
+def per_env_loop(dyn: BatchedHostsDynamics, state: dict, aux: dict) -> Callable[[], None]:
+    """The baseline: each env's host trained and evaluated alone, env after env, on the batched
+    backend's data order and seeded state (the readable reference of ``esper_soa.dynamics.hosts``)."""
+    data, order = dyn.data, dyn.data_order(aux)
     per_env = [
         (dyn.env_params(aux, e), dyn.env_params(aux, e, momentum=True), slot_setups(state, e))
-        for e in range(n_envs)
+        for e in range(order.shape[0])
     ]
-
-    def batched() -> None:
-        dyn.advance(state, aux)
 
     def loop() -> None:
         for e, (p, m, slots) in enumerate(per_env):
             batches = [(data.images(data.x_train[order[e, i]]), data.y_train[order[e, i]]) for i in range(MB)]
             p1, _, _ = train_single_host(p, m, slots, batches, HCFG)
             evaluate_single_host(p1, slots, dyn._val_x, dyn._val_y, HCFG)
+
+    return loop
+
+
+@pytest.mark.parametrize("n_envs", [8, 32, 128])
+def test_host_epoch_throughput(benchmark, n_envs: int) -> None:
+    dyn, state, aux = setup(n_envs)
+    loop = per_env_loop(dyn, state, aux)
+
+    def batched() -> None:
+        dyn.advance(state, aux)
 
     rounds = 2 if n_envs >= 128 else 4
     t_batched, t_loop = best_interleaved([batched, loop], rounds)

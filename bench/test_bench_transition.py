@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conftest import print_rates, record, require, time_without_gc
+from bench.conftest import bench_reference, print_rates, record, require
 from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import record_epoch
 from esper_soa.masks import compute_masks
-from esper_soa.reference import ReferenceEngine
 from esper_soa.spec import SpecTables
 from esper_soa.state import as_dict, make_state
 from esper_soa.transition import transition
-from tests.helpers import random_action, random_metrics, to_numpy
+from tests.helpers import random_action, random_metrics
 
 SIZES = (64, 1024, 4096)
 
@@ -41,23 +40,7 @@ def _inputs(n_envs: int):
 def test_transition(benchmark, results, variant: str, n_envs: int) -> None:
     cfg, tables, state, action, metrics = _inputs(n_envs)
     if variant == "reference":
-        ref = ReferenceEngine(cfg)
-        np_action, np_metrics, np_state = to_numpy(action), to_numpy(metrics), to_numpy(state)
-
-        def run():
-            ref.transition(np_action, np_metrics)
-            ref.masks()
-            ref.observation()
-
-        # every round starts from the same stage mix the batched variants get
-        def setup() -> None:
-            ref.load_state(np_state)
-
-        # the GC stays on, as in the original system (its full passes land in every other round at
-        # E = 4096: 6 rounds average them); the GC-off figure, most favourable to the loop, too
-        benchmark.pedantic(run, setup=setup, rounds=6 if n_envs >= 1024 else 10, iterations=1)
-        results[("reference_nogc", n_envs)] = time_without_gc(run, setup, rounds=2)
-        benchmark.extra_info["mean_s_gc_off"] = results[("reference_nogc", n_envs)]
+        bench_reference(benchmark, results, cfg, state, action, metrics, 6 if n_envs >= 1024 else 10)
     else:
         fn = torch.compile(transition, fullgraph=True) if variant == "compiled" else transition
         fn(state, action, metrics, tables, cfg)  # warm-up / compile
