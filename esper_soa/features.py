@@ -114,6 +114,5 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
     ]
     slot_feats = torch.cat(per_slot, dim=1) * has_seed.to(f)[:, None]  # [S, 31, E]
     obs = torch.cat([base, slot_feats.reshape(-1, n_envs)]).T.contiguous()
-    has_seed = has_seed.T
-    blueprint_index = torch.where(has_seed, sl["blueprint"], torch.zeros_like(sl["blueprint"]))
+    blueprint_index = torch.where(has_seed.T, sl["blueprint"], torch.zeros_like(sl["blueprint"]))
     return obs, blueprint_index
