@@ -48,14 +48,9 @@ def time_without_gc(run: Callable[[], object], setup: Callable[[], object], roun
     return sum(times) / len(times)
 
 
-def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, metrics: dict, rounds: int) -> None:
-    """Time the per-env reference (transition + masks + observation) on the batched variants' work.
-
-    Every round starts from ``state`` (the batched variant's own mid-episode state) with the same
-    action and metrics. The GC stays on, as in the original system; its full passes land in every
-    other round at E = 4096, so ``rounds`` should be even. The GC-off mean, the figure most
-    favourable to the loop, goes to ``results[("reference_nogc", E)]``.
-    """
+def reference_round(cfg, state: dict, action: dict, metrics: dict) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(run, setup)`` for one round of the per-env reference: ``setup`` loads ``state`` (a batched
+    variant's state), ``run`` does transition + masks + observation with ``action`` and ``metrics``."""
     from esper_soa.reference import ReferenceEngine
     from tests.helpers import to_numpy
 
@@ -70,6 +65,18 @@ def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, me
     def setup() -> None:
         ref.load_state(np_state)
 
+    return run, setup
+
+
+def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, metrics: dict, rounds: int) -> None:
+    """Time the per-env reference (transition + masks + observation) on the batched variants' work.
+
+    Every round starts from ``state`` (the batched variant's own mid-episode state) with the same
+    action and metrics. The GC stays on, as in the original system; its full passes land in every
+    other round at E = 4096, so ``rounds`` should be even. The GC-off mean, the figure most
+    favourable to the loop, goes to ``results[("reference_nogc", E)]``.
+    """
+    run, setup = reference_round(cfg, state, action, metrics)
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     results[("reference_nogc", cfg.n_envs)] = time_without_gc(run, setup, rounds=2)
     benchmark.extra_info["mean_s_gc_off"] = results[("reference_nogc", cfg.n_envs)]

@@ -19,7 +19,6 @@ Run: ``python -m bench.device_report --device cuda --out /tmp/report``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
+from bench.conftest import reference_round
+from bench.test_bench_engine import warm_engine
 from esper_soa.config import EngineConfig
 from esper_soa.engine import Engine
 from esper_soa.masks import sample_masked_action
@@ -54,19 +55,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, rounds: int, warm
     return sorted(times)[len(times) // 2]
 
 
-def warm_engine(n_envs: int, device: torch.device, compile: bool) -> tuple[Engine, list[dict]]:
-    engine = Engine(EngineConfig(n_envs=n_envs, n_slots=3, compile=compile, validate_actions=False, device=str(device)))
-    engine.reset()
-    generator = torch.Generator(device=device).manual_seed(0)
-    for _ in range(20):  # a realistic stage mix (and the compile, if any)
-        engine.step(sample_masked_action(engine.masks, generator))
-    return engine, [sample_masked_action(engine.masks, generator) for _ in range(8)]
-
-
 def engine_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
-    from esper_soa.reference import ReferenceEngine
-    from tests.helpers import to_numpy
-
     rows = {}
     for n_envs in sizes:
         for variant in ("eager", "compiled"):
@@ -74,7 +63,7 @@ def engine_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             try:
-                engine, actions = warm_engine(n_envs, device, variant == "compiled")
+                engine, actions = warm_engine(n_envs, variant == "compiled", str(device))
             except Exception as exc:  # keep the other variant's figures
                 traceback.print_exc()
                 rows[f"{variant}@{n_envs}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -91,20 +80,16 @@ def engine_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
             del engine
     # the "before": the per-env reference loop on this machine's CPU, at the smallest size
     n_envs = sizes[0]
-    engine, actions = warm_engine(n_envs, torch.device("cpu"), compile=False)
+    engine, actions = warm_engine(n_envs, compile=False)
     metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
-    ref = ReferenceEngine(engine.cfg)
-    np_metrics, np_state, np_action = to_numpy(metrics), to_numpy(engine._state), to_numpy(actions[0])
+    run, setup = reference_round(engine.cfg, engine._state, actions[0], metrics)
     times = []
-    for _ in range(3):  # every round from the engine's mid-episode state: the same work each time
-        ref.load_state(np_state)
-        gc.collect()  # otherwise a full collection lands in every other round (2x swings)
+    for _ in range(6):  # as the benches: each round from the same state, GC on, mean of 6
+        setup()
         t0 = time.perf_counter()
-        ref.transition(np_action, np_metrics)
-        ref.masks()
-        ref.observation()
+        run()
         times.append(time.perf_counter() - t0)
-    sec = sorted(times)[1]
+    sec = sum(times) / len(times)
     rows[f"reference@{n_envs}"] = {"step_ms": 1e3 * sec, "env_steps_per_s": n_envs / sec}
     print(f"reference (CPU loop) E={n_envs}: {1e3 * sec:.1f} ms", flush=True)
     for variant in ("eager", "compiled"):

@@ -23,10 +23,11 @@ from esper_soa.masks import sample_masked_action
 SIZES = (1024, 4096, 65536)
 
 
-def _engine(n_envs: int, compile: bool) -> tuple[Engine, list[dict]]:
-    engine = Engine(EngineConfig(n_envs=n_envs, n_slots=3, compile=compile, validate_actions=False))
+def warm_engine(n_envs: int, compile: bool, device: str = "cpu") -> tuple[Engine, list[dict]]:
+    """An engine 20 random masked steps into its episodes, and 8 valid actions for the next step."""
+    engine = Engine(EngineConfig(n_envs=n_envs, n_slots=3, compile=compile, validate_actions=False, device=device))
     engine.reset()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=engine.device).manual_seed(0)
     for _ in range(20):  # a realistic stage mix (and the compile, if any)
         engine.step(sample_masked_action(engine.masks, generator))
     actions = [sample_masked_action(engine.masks, generator) for _ in range(8)]
@@ -42,12 +43,12 @@ def state_bytes_per_env(engine: Engine) -> float:
 @pytest.mark.parametrize("variant", ["reference", "eager", "compiled"])
 def test_full_step(benchmark, results, variant: str, n_envs: int) -> None:
     if variant == "reference":
-        engine, actions = _engine(n_envs, compile=False)
+        engine, actions = warm_engine(n_envs, compile=False)
         metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
         bench_reference(benchmark, results, engine.cfg, engine._state, actions[0], metrics, 1 if n_envs > 4096 else 6)
     else:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        engine, actions = _engine(n_envs, compile=variant == "compiled")
+        engine, actions = warm_engine(n_envs, compile=variant == "compiled")
         it = iter(range(10**9))
         benchmark.pedantic(lambda: engine.step(actions[next(it) % 8]), rounds=10, iterations=1, warmup_rounds=1)
         benchmark.extra_info["state_bytes_per_env"] = state_bytes_per_env(engine)
