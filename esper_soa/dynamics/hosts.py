@@ -262,35 +262,11 @@ class FlatModule:
 
 
 def _pool_pairs(h: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """2x2 reduction ``op`` (floor) as two strided elementwise ops: on CPU ~10x faster than
-    ``max_pool2d``, which also computes argmax indices."""
+    """2x2 reduction ``op`` (floor) as two strided elementwise ops: for gradient-free validation on
+    CPU ~10x faster than ``max_pool2d``, which also computes argmax indices."""
     h = h[..., : h.shape[-2] // 2 * 2, : h.shape[-1] // 2 * 2]
     a = op(h[..., 0::2, :], h[..., 1::2, :])
     return op(a[..., 0::2], a[..., 1::2])
-
-
-class _MaxPool2(torch.autograd.Function):
-    """2x2 max pool: fast forward; the backward routes each window's gradient to its first maximum
-    in row-major order, exactly as ``max_pool2d`` does (ties are common: blank image regions)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = _pool_pairs(x, torch.maximum)
-        ctx.save_for_backward(x, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, y = ctx.saved_tensors
-        hh, ww = y.shape[-2], y.shape[-1]
-        even = x.shape[-2] == 2 * hh and x.shape[-1] == 2 * ww
-        gx = torch.empty_like(x) if even else torch.zeros_like(x)  # the 4 phases below tile an even x
-        taken = torch.zeros_like(y, dtype=torch.bool)
-        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            first = (x[..., dy: 2 * hh: 2, dx: 2 * ww: 2] == y) & ~taken
-            taken |= first
-            torch.mul(g, first, out=gx[..., dy: 2 * hh: 2, dx: 2 * ww: 2])
-        return gx
 
 
 def gn_relu_pool(
@@ -298,13 +274,15 @@ def gn_relu_pool(
 ) -> torch.Tensor:
     """``maxpool2(relu(GroupNorm(x)))`` for ``n`` envs side by side (x ``[B, n*C, H, W]``).
 
-    With autograd: the plain ops. Without (validation), the per-channel affine map of the norm is
+    With autograd: ``relu(max_pool2d(GroupNorm(x)))``: the ReLU runs on a quarter of the elements
+    and, as max and ReLU commute, values and gradients equal the reference order's (a window whose
+    max is <= 0 gets no gradient either way; otherwise both route to its first maximum). Without (validation), the per-channel affine map of the norm is
     monotone, so the 2x2 max is taken on the raw input first (the min where the scale is negative;
     ``g_nonneg`` promises none is) and the affine map and ReLU run on a quarter of the elements:
     same values up to the order of the norm's float operations, about 3x less memory traffic.
     """
     if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad):
-        return _MaxPool2.apply(F.relu(_ggn(x, g, b, n, groups), inplace=True))
+        return F.relu(F.max_pool2d(_ggn(x, g, b, n, groups), 2))
     bsz, ct = x.shape[:2]
     xg = x.reshape(bsz, n * groups, -1)
     k = xg.shape[-1]
@@ -367,34 +345,54 @@ def grad_summary(
 
 
 # ----------------------------------------------------------------------------- grouped (batched) ops
-def _gconv(x: torch.Tensor, w: torch.Tensor, n: int, padding: int = 0) -> torch.Tensor:
-    """Per-env conv: x ``[B, n*ci, H, W]``, w ``[n, co, ci, k, k]`` (or ``[n, co, ci]`` for 1x1)."""
+def _gconv(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-env "same" conv: x ``[B, n*ci, H, W]``, w ``[n, co, ci, k, k]`` (or ``[n, co, ci]`` for 1x1).
+
+    On a 1x1 plane only the centre tap sees the input, so the conv is a per-env matmul (a grouped
+    conv call costs ~0.1 ms of fixed overhead on CPU; the last slot's seeds run at 1x1).
+    """
     if w.dim() == 3:
         w = w.unsqueeze(-1).unsqueeze(-1)
-    return F.conv2d(x, w.reshape(-1, *w.shape[2:]), padding=padding, groups=n)
+    k = w.shape[-1]
+    if x.shape[-2:] == (1, 1):
+        bsz = x.shape[0]
+        y = torch.einsum("bnc,noc->bno", x.view(bsz, n, -1), w[..., k // 2, k // 2])
+        return y.reshape(bsz, -1, 1, 1)
+    return F.conv2d(x, w.reshape(-1, *w.shape[2:]), padding=k // 2, groups=n)
 
 
 def _ggn(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, n: int, groups: int) -> torch.Tensor:
-    """Per-env GroupNorm: env e's channels are one contiguous block of ``groups`` groups."""
-    return F.group_norm(x, n * groups, g.reshape(-1), b.reshape(-1), GN_EPS)
+    """Per-env GroupNorm: env e's channels are one contiguous block of ``groups`` groups.
+
+    On planes of <= 4 pixels each group is normalised as one plane and the affine map applied
+    after: the native kernel's backward is ~2x slower there (it loops over tiny per-channel planes).
+    """
+    if x.shape[-2] * x.shape[-1] > 4:
+        return F.group_norm(x, n * groups, g.reshape(-1), b.reshape(-1), GN_EPS)
+    bsz, ct = x.shape[:2]
+    y = F.group_norm(x.reshape(bsz, n * groups, -1), n * groups, None, None, GN_EPS).view_as(x)
+    return torch.addcmul(b.reshape(1, ct, 1, 1), y, g.reshape(1, ct, 1, 1))
 
 
 def _seed_f_grouped(bp: Blueprint, p: dict[str, torch.Tensor], x: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     """Residual branch f of ``n`` envs' seeds of blueprint ``bp``; x ``[B, n*c, H, W]``."""
     if bp == Blueprint.CONV_LIGHT:
-        return _ggn(_gconv(x, p["w"], n, 1), p["g"], p["b"], n, groups)
+        return _ggn(_gconv(x, p["w"], n), p["g"], p["b"], n, groups)
     if bp == Blueprint.CONV_SMALL:
         return _ggn(_gconv(x, p["w"], n), p["g"], p["b"], n, groups)
     if bp == Blueprint.CONV_HEAVY:
-        y = F.relu(_ggn(_gconv(x, p["w1"], n, 1), p["g1"], p["b1"], n, groups))
-        return _ggn(_gconv(y, p["w2"], n, 1), p["g2"], p["b2"], n, groups)
+        y = F.relu(_ggn(_gconv(x, p["w1"], n), p["g1"], p["b1"], n, groups))
+        return _ggn(_gconv(y, p["w2"], n), p["g2"], p["b2"], n, groups)
     if bp == Blueprint.DEPTHWISE:
         c = p["wd"].shape[1]
-        y = F.conv2d(x, p["wd"].reshape(n * c, 1, 3, 3), padding=1, groups=n * c)
+        if x.shape[-2:] == (1, 1):  # depthwise on one pixel: the centre tap scales each channel
+            y = x * p["wd"][..., 1, 1].reshape(1, n * c, 1, 1)
+        else:
+            y = F.conv2d(x, p["wd"].reshape(n * c, 1, 3, 3), padding=1, groups=n * c)
         return _ggn(_gconv(y, p["wp"], n), p["g"], p["b"], n, groups)
     if bp == Blueprint.BOTTLENECK:
         y = F.relu(_gconv(x, p["w1"], n))
-        y = F.relu(_gconv(y, p["w2"], n, 1))
+        y = F.relu(_gconv(y, p["w2"], n))
         return _ggn(_gconv(y, p["w3"], n), p["g"], p["b"], n, groups)
     if bp == Blueprint.NORM:
         return _ggn(x, p["g"], p["b"], n, groups)
