@@ -115,7 +115,7 @@ class Engine:
             raise RuntimeError("Engine.step called before Engine.reset()")
         action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
         validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
-        self._state, self.aux, out = self._step_fn(self._state, self.aux, action, self.masks["slot_by_op"])
+        self._state, self.aux, out = self._step_fn(self._state, self.aux, action)
         self.masks = _masks_of(out)
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
@@ -127,10 +127,10 @@ class Engine:
         return collapse(record_epoch(state, metrics), diverged), aux, diverged
 
     def _act_and_reward(
-        self, state: State, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
+        self, state: State, action: dict[str, torch.Tensor]
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """SPEC §4 steps 2-4: reward from the pre-action state, op, tick."""
-        new, op, success = act(state, action, slot_by_op, self.tables, self.cfg)
+        new, op, success = act(state, action, self.tables, self.cfg)
         return new, op, success, compute_reward(state, action, op, self.cfg)
 
     def _finish(
@@ -154,10 +154,10 @@ class Engine:
         return state, out, terminated
 
     def _step_impl(
-        self, state: State, aux: dict, action: dict[str, torch.Tensor], slot_by_op: torch.Tensor
+        self, state: State, aux: dict, action: dict[str, torch.Tensor]
     ) -> tuple[State, dict, dict[str, torch.Tensor]]:
         """The whole step as one function (compiled as one graph for compilable backends)."""
-        new, op, success, reward = self._act_fn(state, action, slot_by_op)
+        new, op, success, reward = self._act_fn(state, action)
         metrics, aux = self.dynamics.advance(new, aux)
         aux = {k: v.contiguous() for k, v in aux.items()}  # one layout for step and reset graphs
         new, out, _ = self._finish_fn(new, metrics, reward)

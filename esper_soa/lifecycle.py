@@ -14,6 +14,7 @@ from esper_soa.alpha import hold_at, retarget, tick_alpha
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import METRIC_FIELDS
 from esper_soa.spec import (
+    ADVANCEABLE_STAGES,
     ALPHA_ATOL,
     EMBARGO_EPOCHS,
     G2_MIN_EPOCHS,
@@ -22,9 +23,12 @@ from esper_soa.spec import (
     G2_STRICT_IMPROVEMENT,
     G3_STRICT_MIN_EPOCHS,
     G5_STRICT_CONTRIBUTION,
+    GERMINATE_BLOCKING_STAGES,
     GRADIENT_STAGES,
     HEAD_NAMES,
     LIVE_STAGES,
+    MIN_PRUNE_AGE,
+    PRUNABLE_STAGES,
     RESETTING_EPOCHS,
     AlphaMode,
     Op,
@@ -130,24 +134,71 @@ def action_in_range(action: dict[str, torch.Tensor], n_slots: int) -> torch.Tens
     return ok
 
 
+def germinate_allowed(stage: torch.Tensor, tables: SpecTables, cfg: EngineConfig) -> torch.Tensor:
+    """[E] bool: no enabled slot blocks germination and the seed budget is not spent (SPEC §9)."""
+    enabled = tables.slot_enabled[None, :].expand_as(stage)
+    ok = ~(stage_in(stage, GERMINATE_BLOCKING_STAGES) & enabled).any(1)
+    if cfg.max_seeds > 0:
+        has_seed = (stage != int(Stage.DORMANT)) & (stage != int(Stage.UNKNOWN))
+        ok = ok & (has_seed.sum(1) < cfg.max_seeds)
+    return ok
+
+
+def op_rules(
+    stage: torch.Tensor,
+    alpha_mode: torch.Tensor,
+    seed_age: torch.Tensor,
+    enabled: torch.Tensor,
+    env_ok: torch.Tensor,
+    cfg: EngineConfig,
+) -> tuple[torch.Tensor, ...]:
+    """Validity of each op (in ``Op`` order) on a slot, SPEC §5/§9, for any broadcastable shapes.
+
+    The one statement of the rules: the masks evaluate it on every slot, ``apply_op`` on each
+    env's chosen slot only (so an executed op is valid exactly when the mask allowed it).
+    ``env_ok`` is :func:`germinate_allowed` broadcast to the slot shape.
+    """
+    holding_mode = alpha_mode == int(AlphaMode.HOLD)
+    advance = enabled & stage_in(stage, ADVANCEABLE_STAGES)
+    return (
+        enabled,  # WAIT
+        enabled & (stage == int(Stage.DORMANT)) & env_ok,  # GERMINATE
+        enabled & stage_in(stage, (Stage.BLENDING, Stage.HOLDING)) & holding_mode,  # SET_ALPHA_TARGET
+        enabled & stage_in(stage, PRUNABLE_STAGES) & (seed_age >= MIN_PRUNE_AGE) & holding_mode,  # PRUNE
+        enabled & (stage == int(Stage.HOLDING)),  # FOSSILIZE
+        torch.zeros_like(advance) if cfg.all_auto_forward else advance,  # ADVANCE
+    )
+
+
 def apply_op(
     state: State,
     action: dict[str, torch.Tensor],
-    slot_by_op: torch.Tensor,
     tables: SpecTables,
     cfg: EngineConfig,
 ) -> tuple[State, torch.Tensor, torch.Tensor]:
     """Execute each env's op on its target slot.
 
-    ``slot_by_op`` is the pre-action ``[E, 6, S]`` validity mask. Returns (state, executed op
-    [E] int64, success [E] float32); invalid or out-of-range actions execute WAIT with success 0.
+    Validity is :func:`op_rules` on the chosen slot of the pre-action state, i.e. the action masks'
+    verdict without building the ``[E, 6, S]`` mask. Returns (state, executed op [E] int64,
+    success [E] float32); invalid or out-of-range actions execute WAIT with success 0.
     """
     st, sl = copy_state(state)
     n_envs, n_slots = sl["stage"].shape
     sizes = head_sizes(n_slots)
     h = {k: action[k].clamp(0, sizes[k] - 1) for k in HEAD_NAMES}
-    valid_slot = slot_by_op.gather(1, h["op"][:, None, None].expand(n_envs, 1, n_slots)).squeeze(1)
-    valid = valid_slot.gather(1, h["slot"][:, None]).squeeze(1) & action_in_range(action, n_slots)
+    slot_col = h["slot"][:, None]
+
+    def chosen(v: torch.Tensor) -> torch.Tensor:  # [E, S] -> [E]: the value on the chosen slot
+        return v.gather(1, slot_col).squeeze(1)
+
+    rules = op_rules(
+        chosen(sl["stage"]), chosen(sl["alpha_mode"]), chosen(sl["seed_age"]),
+        tables.slot_enabled[h["slot"]], germinate_allowed(sl["stage"], tables, cfg), cfg,
+    )
+    valid = rules[0] & (h["op"] == 0)
+    for code, rule in enumerate(rules[1:], start=1):
+        valid = valid | (rule & (h["op"] == code))
+    valid = valid & action_in_range(action, n_slots)
     valid = valid & ((h["op"] != int(Op.GERMINATE)) | tables.blueprint_valid[h["blueprint"]])
     op = torch.where(valid, h["op"], torch.zeros_like(h["op"]))
     # built [S, E] and viewed [E, S]: the slot-major layout of the state (see state.py)

@@ -10,20 +10,14 @@ from __future__ import annotations
 import torch
 
 from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import stage_in
+from esper_soa.lifecycle import germinate_allowed, op_rules
 from esper_soa.spec import (
-    ADVANCEABLE_STAGES,
     ALPHA_TARGET_DEFAULT,
     ALPHA_TARGETS,
-    GERMINATE_BLOCKING_STAGES,
-    MIN_PRUNE_AGE,
-    PRUNABLE_STAGES,
     FIXED_HEAD_SIZES,
     STYLE_DEFAULT,
-    AlphaMode,
     Op,
     SpecTables,
-    Stage,
     TEMPO_EPOCHS,
     ALPHA_SPEED_TICKS,
 )
@@ -36,22 +30,10 @@ def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[s
     stage = sl["stage"]
     n_envs = stage.shape[0]
     enabled = tables.slot_enabled[None, :].expand_as(stage)
-    has_seed = (stage != int(Stage.DORMANT)) & (stage != int(Stage.UNKNOWN))
-    blocked = (stage_in(stage, GERMINATE_BLOCKING_STAGES) & enabled).any(1)
-    env_ok = ~blocked
-    if cfg.max_seeds > 0:
-        env_ok = env_ok & (has_seed.sum(1) < cfg.max_seeds)
-    holding_mode = sl["alpha_mode"] == int(AlphaMode.HOLD)
-    germinate = enabled & (stage == int(Stage.DORMANT)) & env_ok[:, None]
-    set_alpha = enabled & stage_in(stage, (Stage.BLENDING, Stage.HOLDING)) & holding_mode
-    prune = enabled & stage_in(stage, PRUNABLE_STAGES) & (sl["seed_age"] >= MIN_PRUNE_AGE) & holding_mode
-    fossilize = enabled & (stage == int(Stage.HOLDING))
-    advance = enabled & stage_in(stage, ADVANCEABLE_STAGES)
-    if cfg.all_auto_forward:
-        advance = torch.zeros_like(advance)
+    env_ok = germinate_allowed(stage, tables, cfg)[:, None]
+    rows = op_rules(stage, sl["alpha_mode"], sl["seed_age"], enabled, env_ok, cfg)
     # Masks are built head-major ([6, S, E], [n, E]) and returned as [E, ...] views: every write
     # is then a full-width vector over envs (see state.py on the slot-major layout).
-    rows = (enabled, germinate, set_alpha, prune, fossilize, advance)
     by_op = torch.stack([r.T for r in rows])  # [6, S, E]
     op_t = by_op.any(dim=1)  # [6, E]
 

@@ -17,17 +17,13 @@ from esper_soa.state import State, slot_major
 
 
 def act(
-    state: State,
-    action: dict[str, torch.Tensor],
-    slot_by_op: torch.Tensor,
-    tables: SpecTables,
-    cfg: EngineConfig,
+    state: State, action: dict[str, torch.Tensor], tables: SpecTables, cfg: EngineConfig
 ) -> tuple[State, torch.Tensor, torch.Tensor]:
     """Op + tick + epoch count: everything of a step that comes before the host epoch."""
     slots = dict(state["slots"])
     slots["previous_alpha"] = slots["alpha"]
     state = {**state, "slots": slots}
-    state, op, success = apply_op(state, action, slot_by_op, tables, cfg)
+    state, op, success = apply_op(state, action, tables, cfg)
     state = tick(state, cfg)
     state["epoch"] = state["epoch"] + 1
     state["slots"] = slot_major(state["slots"])
@@ -49,7 +45,6 @@ def transition(
     cfg: EngineConfig,
 ) -> tuple[State, dict[str, torch.Tensor]]:
     """Ops, tick, record-epoch, masks and observation, with the metrics supplied by the caller."""
-    slot_by_op = compute_masks(state, tables, cfg)["slot_by_op"]
-    state, op, success = act(state, action, slot_by_op, tables, cfg)
+    state, op, success = act(state, action, tables, cfg)
     state = record_epoch(state, metrics)
     return state, {"executed_op": op, "success": success, **emit(state, tables, cfg)}

@@ -73,7 +73,7 @@ def test_engine_matches_reference(config: dict, seed: int, n_envs: int) -> None:
             _close(mask, ref_masks[name], f"mask {name} at step {step}")
         action = random_action(rng, masks, cfg.n_slots)
         np_action = to_numpy(action)
-        new, op, success = act(state, action, masks["slot_by_op"], tables, cfg)
+        new, op, success = act(state, action, tables, cfg)
         reward = compute_reward(state, action, op, cfg)
         _close(reward, ref.reward(np_action), f"reward at step {step}")
         new["episode_return"] = new["episode_return"] + reward  # as Engine.step does
