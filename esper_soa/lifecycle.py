@@ -183,7 +183,7 @@ def apply_op(
     success [E] float32); invalid or out-of-range actions execute WAIT with success 0.
     """
     st, sl = copy_state(state)
-    n_envs, n_slots = sl["stage"].shape
+    n_slots = sl["stage"].shape[1]
     sizes = head_sizes(n_slots)
     h = {k: action[k].clamp(0, sizes[k] - 1) for k in HEAD_NAMES}
     slot_col = h["slot"][:, None]

@@ -276,10 +276,12 @@ def gn_relu_pool(
 
     With autograd: ``relu(max_pool2d(GroupNorm(x)))``: the ReLU runs on a quarter of the elements
     and, as max and ReLU commute, values and gradients equal the reference order's (a window whose
-    max is <= 0 gets no gradient either way; otherwise both route to its first maximum). Without (validation), the per-channel affine map of the norm is
-    monotone, so the 2x2 max is taken on the raw input first (the min where the scale is negative;
-    ``g_nonneg`` promises none is) and the affine map and ReLU run on a quarter of the elements:
-    same values up to the order of the norm's float operations, about 3x less memory traffic.
+    max is <= 0 gets no gradient either way; otherwise both route to its first maximum).
+
+    Without (validation), the per-channel affine map of the norm is monotone, so the 2x2 max is
+    taken on the raw input first (the min where the scale is negative; ``g_nonneg`` promises none
+    is) and the affine map and ReLU run on a quarter of the elements: same values up to the order
+    of the norm's float operations, about 3x less memory traffic.
     """
     if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad):
         return F.relu(F.max_pool2d(_ggn(x, g, b, n, groups), 2))
