@@ -235,8 +235,6 @@ class SpecTables:
         f32 = dict(dtype=torch.float32, device=dev)
         i64 = dict(dtype=torch.int64, device=dev)
         self.device = dev
-        # stage codes in one-hot order (code 5 is unused): position i of the one-hot is codes[i]
-        self.stage_codes = torch.tensor([int(s) for s in Stage], **i64)
         valid = torch.zeros(len(Blueprint), dtype=torch.bool, device=dev)
         valid[list(TOPOLOGY_BLUEPRINTS[topology])] = True
         self.blueprint_valid = valid

@@ -52,6 +52,8 @@ def test_transition_compiles_fullgraph_and_matches_eager() -> None:
     for a, b in zip(outs_e, outs_c):
         for k in a:
             torch.testing.assert_close(a[k], b[k], msg=k)
+        # the documented feature-major layout (features.observe), eager and compiled alike
+        assert a["observation"].stride() == b["observation"].stride() == (1, cfg.n_envs)
     for k, v in state_e["slots"].items():
         torch.testing.assert_close(v, state_c["slots"][k], msg=k)
 
