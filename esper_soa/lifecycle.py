@@ -304,11 +304,25 @@ PER_SLOT_METRICS = tuple(k for k, (_, per_slot) in METRIC_FIELDS.items() if per_
 
 
 # --- record-epoch (SPEC §4 step 5) -------------------------------------------------------------
+def _slot_major_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-slot metrics copied once into one slot-major float block ``[k, S, E]``.
+
+    Whatever layout the caller's ``[E, S]`` metrics have, the reads below are then in the slot
+    fields' layout. A concatenation is always a materialized buffer in inductor's CPU backend; a
+    plain ``.contiguous()`` gets fused into the consumers instead, and a loop that mixes
+    env-major and slot-major reads is tiled 16 x 16, which with S < 16 leaves only its scalar tail.
+    """
+    block = torch.stack([metrics[k].T.to(torch.float32) for k in PER_SLOT_METRICS])
+    return {
+        k: (row.T != 0) if metrics[k].dtype == torch.bool else row.T
+        for k, row in zip(PER_SLOT_METRICS, block.unbind(0))
+    }
+
+
 def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     """Write one epoch of dynamics metrics into the state (histories, counterfactuals, grads)."""
     st, sl = copy_state(state)
-    # per-slot metrics in the slot fields' layout first: one transpose each, instead of one per use
-    metrics = {**metrics, **slot_major({k: metrics[k] for k in PER_SLOT_METRICS})}
+    metrics = {**metrics, **_slot_major_metrics(metrics)}
     val_acc = metrics["val_acc"]
     for name in ("val_loss", "val_acc", "acc_all_seeds_off", "host_params"):
         st[name] = metrics[name].to(st[name].dtype)
