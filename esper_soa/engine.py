@@ -16,7 +16,7 @@ from esper_soa.alpha import hold_at
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
-from esper_soa.masks import compute_masks
+from esper_soa.masks import as_bool, compute_masks
 from esper_soa.reward import compute_reward
 from esper_soa.rng import episode_seed
 from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
@@ -103,7 +103,7 @@ class Engine:
                 f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}"
             )
         keys = episode_seed(self.base_seed, self.env_index, self.episode)
-        self._state, self.aux, out = self._reset_fn(self._state, self.aux, rows, keys)
+        self._state, self.aux, out = _bool_masks(self._reset_fn(self._state, self.aux, rows, keys))
         self.episode = self.episode + rows.to(torch.int64)
         self.masks = _masks_of(out)
         self._started = True
@@ -115,7 +115,7 @@ class Engine:
             raise RuntimeError("Engine.step called before Engine.reset()")
         action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
         validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
-        self._state, self.aux, out = self._step_fn(self._state, self.aux, action)
+        self._state, self.aux, out = _bool_masks(self._step_fn(self._state, self.aux, action))
         self.masks = _masks_of(out)
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
@@ -184,6 +184,13 @@ class Engine:
             episode_return=state["episode_return"],
         )
         return state, aux, out
+
+
+def _bool_masks(result: tuple[State, dict, dict[str, torch.Tensor]]) -> tuple[State, dict, dict[str, torch.Tensor]]:
+    """The step/reset outputs with the uint8 mask flags as bool views (outside the graph: free)."""
+    state, aux, out = result
+    flags = {k: v for k, v in out.items() if k.startswith("mask_")}
+    return state, aux, {**out, **as_bool(flags)}
 
 
 def _masks_of(out: dict[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:

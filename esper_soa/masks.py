@@ -7,6 +7,8 @@ never disagree.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from esper_soa.config import EngineConfig
@@ -24,37 +26,55 @@ from esper_soa.spec import (
 from esper_soa.state import State
 
 
-def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
-    """All action masks as ``[E, n]`` bool tensors plus ``slot_by_op`` ``[E, 6, S]``."""
+def mask_flags(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """All action masks as uint8 0/1 ``[E, n]`` tensors plus ``slot_by_op`` ``[E, 6, S]``: the form
+    the compiled step emits (the engine hands them out as bool views, see :func:`as_bool`).
+
+    Why uint8: inductor's CPU code stores a bool buffer through a generic element-by-element
+    helper, about 10x slower than a uint8 store; a bool *view* of uint8 costs nothing, but only
+    outside the compiled graph (inside it, the view is a bitcasting copy).
+    """
     sl = state["slots"]
     stage = sl["stage"]
     n_envs = stage.shape[0]
     enabled = tables.slot_enabled[None, :].expand_as(stage)
     env_ok = germinate_allowed(stage, tables, cfg)[:, None]
-    rows = op_rules(stage, sl["alpha_mode"], sl["seed_age"], enabled, env_ok, cfg)
-    # Masks are built head-major ([6, S, E], [n, E]) and returned as [E, ...] views: every write
-    # is then a full-width vector over envs (see state.py on the slot-major layout).
-    by_op = torch.stack([r.T for r in rows])  # [6, S, E]
-    op_t = by_op.any(dim=1)  # [6, E]
+    # built head-major ([6, S, E], [n, E]) and returned as [E, ...] views: every write is then a
+    # full-width vector over envs (see state.py on the slot-major layout)
+    rows = [r.T for r in op_rules(stage, sl["alpha_mode"], sl["seed_age"], enabled, env_ok, cfg)]
+    on_any_slot = [functools.reduce(torch.logical_or, r.unbind(0)) for r in rows]  # [E] per op
 
-    def full(n: int) -> torch.Tensor:  # constant: a broadcast view, never materialized
-        return tables.all_true[:n][None, :].expand(n_envs, n)
+    def flags(mask: torch.Tensor) -> torch.Tensor:  # where(.., 1, 0): inductor's fast uint8 path
+        return torch.where(mask, 1, 0).to(torch.uint8)
+
+    def constant(valid: torch.Tensor) -> torch.Tensor:  # a broadcast view of one [n] row
+        return flags(valid)[None, :].expand(n_envs, -1)
 
     def all_or_default(flag: torch.Tensor, n: int, default: int) -> torch.Tensor:
         idx = torch.arange(n, device=stage.device)[:, None]
-        return (flag[None, :] | (idx == default)).T
+        return flags(flag[None, :] | (idx == default)).T
 
-    styled = op_t[int(Op.GERMINATE)] | op_t[int(Op.SET_ALPHA_TARGET)]
-    return {
-        "op": op_t.T,
-        "slot_by_op": by_op.permute(2, 0, 1),
-        "blueprint": tables.blueprint_valid[None, :].expand(n_envs, -1),
+    styled = on_any_slot[int(Op.GERMINATE)] | on_any_slot[int(Op.SET_ALPHA_TARGET)]
+    return {  # stacks of flags, never of bools: a stack is a materialized buffer
+        "op": torch.stack([flags(m) for m in on_any_slot]).T,
+        "slot_by_op": torch.stack([flags(r) for r in rows]).permute(2, 0, 1),
+        "blueprint": constant(tables.blueprint_valid),
         "style": all_or_default(styled, FIXED_HEAD_SIZES["style"], int(STYLE_DEFAULT)),
-        "tempo": full(len(TEMPO_EPOCHS)),
+        "tempo": constant(tables.all_true[: len(TEMPO_EPOCHS)]),
         "alpha_target": all_or_default(styled, len(ALPHA_TARGETS), ALPHA_TARGET_DEFAULT),
-        "alpha_speed": full(len(ALPHA_SPEED_TICKS)),
-        "alpha_curve": full(FIXED_HEAD_SIZES["alpha_curve"]),
+        "alpha_speed": constant(tables.all_true[: len(ALPHA_SPEED_TICKS)]),
+        "alpha_curve": constant(tables.all_true[: FIXED_HEAD_SIZES["alpha_curve"]]),
     }
+
+
+def as_bool(flags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero-copy bool views of uint8 0/1 masks (call it outside compiled graphs)."""
+    return {k: v.view(torch.bool) for k, v in flags.items()}
+
+
+def compute_masks(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """All action masks as bool ``[E, n]`` tensors plus ``slot_by_op`` ``[E, 6, S]``."""
+    return as_bool(mask_flags(state, tables, cfg))
 
 
 def _sample(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from esper_soa.config import EngineConfig
 from esper_soa.features import observe
 from esper_soa.lifecycle import apply_op, record_epoch, tick
-from esper_soa.masks import compute_masks
+from esper_soa.masks import mask_flags
 from esper_soa.spec import SpecTables
 from esper_soa.state import State, slot_major
 
@@ -31,9 +31,10 @@ def act(
 
 
 def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
-    """Observation, blueprint indices and masks for the next decision."""
+    """Observation, blueprint indices and masks for the next decision; the masks as uint8 0/1
+    flags (``masks.mask_flags``), which the engine turns into bool views after the graph."""
     obs, blueprint_index = observe(state, tables, cfg)
-    masks = compute_masks(state, tables, cfg)
+    masks = mask_flags(state, tables, cfg)
     return {"observation": obs, "blueprint_index": blueprint_index, **{f"mask_{k}": v for k, v in masks.items()}}
 
 
