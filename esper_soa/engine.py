@@ -20,7 +20,7 @@ from esper_soa.masks import as_bool, compute_masks
 from esper_soa.reward import compute_reward
 from esper_soa.rng import episode_seed
 from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
-from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows
+from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows, update
 from esper_soa.transition import act, emit
 from esper_soa.validation import validate_action
 
@@ -46,7 +46,7 @@ def collapse(state: State, diverged: torch.Tensor) -> State:
     sel = diverged[:, None] & stage_in(sl["stage"], PRUNABLE_STAGES)
     move(sl, sel, Stage.PRUNED, st["val_acc"])
     hold_at(sl, sel, 0.0)
-    sl["pending_prune"] = sl["pending_prune"] & ~sel
+    update(sl, sel, pending_prune=False)
     return st
 
 

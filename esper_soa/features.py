@@ -70,7 +70,7 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
     total = slt["alpha_steps_total"]
     velocity = (slt["alpha_target"] - slt["alpha_start"]) / total.clamp(min=1).to(f)
     freshness = torch.where(
-        slt["contribution_measured"],
+        slt["contribution_measured"] != 0,
         CF_FRESHNESS_DECAY ** slt["epochs_since_measurement"].to(f),
         torch.full_like(slt["alpha"], -1.0),
     )
@@ -91,7 +91,7 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
         (slt["algorithm"].to(f) - 1.0) / 2.0,
         (slt["interaction_sum"] / 10.0).clamp(-1.0, 1.0),
         symlog(slt["gradient_norm"]) / 7.0,
-        torch.where(slt["gradient_measured"], slt["gradient_health"], torch.zeros_like(slt["alpha"])),
+        torch.where(slt["gradient_measured"] != 0, slt["gradient_health"], torch.zeros_like(slt["alpha"])),
         slt["has_vanishing"].to(f),
         slt["has_exploding"].to(f),
         slt["previous_gradient_health"],

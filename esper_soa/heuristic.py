@@ -252,7 +252,7 @@ def heuristic_step(
     )
     g2 = _at(gate_g2(state, cfg), target)
     g3 = _at(gate_g3(state, cfg), target)
-    measured = _at(sl["contribution_measured"], target)
+    measured = _at(sl["contribution_measured"], target) != 0
     contribution = _at(sl["contribution"], target)
     fossilize = measured & (contribution >= hcfg.fossilize_contribution) & (total >= 0)
     hostage = measured & (contribution > hcfg.prune_contribution) & (total < 0)

@@ -72,8 +72,8 @@ def gate_g2(st: State, cfg: EngineConfig) -> torch.Tensor:
     sl = st["slots"]
     ok = (
         (sl["epochs_in_stage"] >= G2_MIN_EPOCHS)
-        & sl["gradient_measured"]
-        & ~sl["has_exploding"]
+        & (sl["gradient_measured"] != 0)
+        & (sl["has_exploding"] == 0)
         & (sl["gradient_health"] >= G2_MIN_HEALTH)
     )
     if cfg.strict_gates:
@@ -96,7 +96,7 @@ def gate_g3(st: State, cfg: EngineConfig) -> torch.Tensor:
 
 def gate_g5(st: State, cfg: EngineConfig) -> torch.Tensor:
     sl = st["slots"]
-    ok = sl["contribution_measured"]
+    ok = sl["contribution_measured"] != 0
     if cfg.strict_gates:
         ok = ok & (sl["contribution"] >= G5_STRICT_CONTRIBUTION)
     return ok
@@ -294,7 +294,7 @@ def tick(state: State, cfg: EngineConfig) -> State:
 
     blending = sl["stage"] == int(Stage.BLENDING)
     tick_alpha(sl, blending)
-    prune_done = blending & sl["pending_prune"] & (sl["alpha_mode"] == int(AlphaMode.HOLD))
+    prune_done = blending & (sl["pending_prune"] != 0) & (sl["alpha_mode"] == int(AlphaMode.HOLD))
     move(sl, prune_done, Stage.PRUNED, val_acc)
     update(sl, prune_done, pending_prune=False)
     return st
@@ -332,7 +332,7 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
 
     live = stage_in(sl["stage"], LIVE_STAGES)
     measured = live & (sl["alpha"] > 0)
-    was_measured = sl["contribution_measured"]
+    was_measured = sl["contribution_measured"] != 0
     new_c = val_acc[:, None] - metrics["acc_without_slot"]
     update(
         sl,
@@ -355,7 +355,7 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
         sl,
         graded,
         previous_gradient_health=torch.where(
-            sl["gradient_measured"], sl["gradient_health"], torch.full_like(sl["gradient_health"], -1.0)
+            sl["gradient_measured"] != 0, sl["gradient_health"], torch.full_like(sl["gradient_health"], -1.0)
         ),
         gradient_norm=metrics["gradient_norm"],
         gradient_health=metrics["gradient_health"],

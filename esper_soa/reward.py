@@ -65,7 +65,7 @@ def reward_terms(
     acc = state["val_acc"]
     h = state["host_params"]
     imp = acc - state["acc_all_seeds_off"]  # I
-    c_known = t["contribution_measured"] & (t["epochs_since_measurement"] == 0)
+    c_known = (t["contribution_measured"] != 0) & (t["epochs_since_measurement"] == 0)
     c = t["contribution"]
     p = acc - t["accuracy_at_germination"]
     e = t["epochs_in_stage"].to(f)
@@ -207,7 +207,7 @@ def compute_reward(
     sl = state["slots"]
     pbrs = reward_terms(state, action, op, cfg)["pbrs"]
     contributing = (
-        (sl["stage"] == int(Stage.FOSSILIZED)) & sl["contribution_measured"] & (sl["contribution"] > 0)
+        (sl["stage"] == int(Stage.FOSSILIZED)) & (sl["contribution_measured"] != 0) & (sl["contribution"] > 0)
     ).sum(1)
     end = 3 * state["val_acc"] / 100 + 2 * contributing.to(torch.float32)
     return pbrs - 0.01 * (op != int(Op.WAIT)).to(torch.float32) + torch.where(last, end, zero)

@@ -6,7 +6,8 @@ fields with their dtype and *neutral* value (what an empty slot or a fresh env h
 reference oracle exports the same names so differential tests compare field by field.
 
 Inside compiled transitions the state travels as a plain nested ``dict`` of tensors
-(:func:`as_dict`), which dynamo traces without TensorDict overhead.
+(:func:`as_dict`), which dynamo traces without TensorDict overhead, with the bool flags as
+int32 0/1 (``FLAG``); :func:`from_dict` gives the bool TensorDict back.
 
 Slot fields are stored *slot-major*: each ``[E, S]`` tensor is the transposed view of an
 ``[S, E]`` buffer. With S = 3, an env-major layout leaves the compiler a 3-wide innermost loop
@@ -67,6 +68,13 @@ SLOT_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "previous_alpha": (F, 0.0),
 }
 
+# The bool slot fields travel through the transitions as int32 0/1 (``as_dict``; ``from_dict``
+# turns them back): inductor's CPU code stores a bool buffer through a generic element-by-element
+# helper, about 10x slower than an int32 store, and the transitions rewrite these flags every
+# step. The batched code therefore reads a flag as ``flag != 0``, which holds for either dtype.
+FLAG = I32
+FLAG_FIELDS = frozenset(k for k, (dtype, _) in SLOT_FIELDS.items() if dtype == B)
+
 # name -> (dtype, neutral value, trailing shape)
 ENV_FIELDS: dict[str, tuple[torch.dtype, float, tuple[int, ...]]] = {
     "epoch": (I, 0, ()),
@@ -107,13 +115,16 @@ def make_state(cfg: EngineConfig, device: torch.device | str | None = None) -> T
 
 
 def as_dict(td: TensorDict) -> State:
-    """Nested plain-dict view of the state (no copies) for the compiled transitions."""
-    return td.to_dict()
+    """The state as the nested plain dict the transitions take, flags as int32 0/1 (see FLAG)."""
+    d = td.to_dict()
+    d["slots"] = {k: v.to(FLAG) if k in FLAG_FIELDS else v for k, v in d["slots"].items()}
+    return d
 
 
 def from_dict(d: State, n_envs: int, n_slots: int, device: torch.device) -> TensorDict:
     """Wrap a nested dict produced by the transitions back into the state TensorDict."""
-    slots = TensorDict(d["slots"], batch_size=[n_envs, n_slots], device=device)
+    slots = {k: v != 0 if k in FLAG_FIELDS else v for k, v in d["slots"].items()}
+    slots = TensorDict(slots, batch_size=[n_envs, n_slots], device=device)
     env = {k: v for k, v in d.items() if k != "slots"}
     td = TensorDict(env, batch_size=[n_envs], device=device)
     td["slots"] = slots

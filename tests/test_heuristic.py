@@ -38,7 +38,7 @@ LIVE = [int(s) for s in PRUNABLE_STAGES]
 
 def export(engine: Engine) -> dict:
     """The engine's state as numpy arrays with state.py's names (what the reference loads)."""
-    st = engine._state
+    st = engine.state  # the public form: bool flags
     out = {k: v.cpu().numpy().copy() for k, v in st.items() if k != "slots"}
     out["slots"] = {k: v.cpu().numpy().copy() for k, v in st["slots"].items()}
     return out

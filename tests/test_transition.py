@@ -11,7 +11,7 @@ from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import record_epoch
 from esper_soa.masks import compute_masks
 from esper_soa.spec import AlphaCurve, Op, SpecTables, Stage, head_sizes
-from esper_soa.state import as_dict, make_state, reset_rows
+from esper_soa.state import FLAG_FIELDS, as_dict, from_dict, make_state, reset_rows
 from esper_soa.transition import transition
 from esper_soa.validation import validate_action
 from tests.helpers import random_action, random_metrics
@@ -86,6 +86,29 @@ def test_reset_rows_leaves_other_rows_bit_identical() -> None:
         assert torch.equal(v[~rows], state["slots"][k][~rows]), k
         assert torch.equal(v[rows], fresh["slots"][k][rows]), k
     assert torch.equal(out["epoch"][~rows], state["epoch"][~rows])
+
+
+def test_flags_int32_inside_bool_outside_and_either_drives_the_transition() -> None:
+    """``as_dict`` hands the transitions int32 flags, ``from_dict`` gives bools back, and the
+    batched code reads a flag the same way whichever dtype it gets."""
+    cfg = EngineConfig(n_envs=6, n_slots=3, auto_forward_g1=True)
+    state, _ = _drive(cfg, 25)
+    public = from_dict(state, cfg.n_envs, cfg.n_slots, torch.device("cpu"))
+    assert FLAG_FIELDS == {"pending_prune", "contribution_measured", "gradient_measured", "has_vanishing", "has_exploding"}
+    for k in FLAG_FIELDS:
+        assert state["slots"][k].dtype == torch.int32 and public["slots"][k].dtype == torch.bool, k
+        assert torch.equal(as_dict(public)["slots"][k], state["slots"][k]), k
+    assert any(bool(public["slots"][k].any()) for k in FLAG_FIELDS)  # the check below is not vacuous
+    rng = np.random.default_rng(3)
+    tables = SpecTables(cfg.topology, cfg.n_slots)
+    action = random_action(rng, compute_masks(state, tables, cfg), cfg.n_slots)
+    metrics = random_metrics(rng, cfg.n_envs, cfg.n_slots)
+    from_ints, out_ints = transition(state, action, metrics, tables, cfg)
+    from_bools, out_bools = transition(public.to_dict(), action, metrics, tables, cfg)
+    for k in out_ints:
+        assert torch.equal(out_ints[k], out_bools[k]), k
+    for k, v in from_ints["slots"].items():
+        assert torch.equal(v, from_bools["slots"][k].to(v.dtype)), k
 
 
 def _wait(n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:
