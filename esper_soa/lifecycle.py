@@ -36,7 +36,7 @@ from esper_soa.spec import (
     Stage,
     head_sizes,
 )
-from esper_soa.state import State, as_flag, neutral_slots_like, slot_major, update, where_slots
+from esper_soa.state import State, neutral_slots_like, slot_major, update, where_slots
 
 
 def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
@@ -103,16 +103,12 @@ def gate_g5(st: State, cfg: EngineConfig) -> torch.Tensor:
 
 
 def advance(st: State, sel: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
-    """ADVANCE effect where ``sel`` (G1/G2/G3 by stage); returns the slots that moved (0/1).
-
-    The three selections are ``as_flag`` int32: each feeds a dozen field updates, so inductor
-    materializes them, and a materialized bool mask is the slow kind (see ``state.FLAG``).
-    """
+    """ADVANCE effect where ``sel`` (G1/G2/G3 by stage); returns the slots that moved."""
     sl = st["slots"]
     stage = sl["stage"]
-    g1 = as_flag(sel & (stage == int(Stage.GERMINATED)))
-    g2 = as_flag(sel & (stage == int(Stage.TRAINING)) & gate_g2(st, cfg))
-    g3 = as_flag(sel & (stage == int(Stage.BLENDING)) & gate_g3(st, cfg))
+    g1 = sel & (stage == int(Stage.GERMINATED))
+    g2 = sel & (stage == int(Stage.TRAINING)) & gate_g2(st, cfg)
+    g3 = sel & (stage == int(Stage.BLENDING)) & gate_g3(st, cfg)
     move(sl, g1, Stage.TRAINING, st["val_acc"])
     move(sl, g2, Stage.BLENDING, st["val_acc"])
     retarget(

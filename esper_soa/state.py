@@ -141,18 +141,9 @@ def neutral_slots_like(slots: State) -> State:
     return {k: torch.full_like(slots[k], SLOT_FIELDS[k][1]) for k in SLOT_FIELDS}
 
 
-def as_flag(mask: torch.Tensor) -> torch.Tensor:
-    """A bool selection mask as int32 0/1 (``FLAG``): what to hand a mask that many field updates
-    read, so that inductor, which materializes such a mask, stores it the fast way."""
-    return torch.where(mask, 1, 0).to(FLAG)
-
-
 def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.where(mask, a, b)`` for a bool or 0/1 (``as_flag``) ``mask``; bool values as
-    ``(mask & a) | (~mask & b)``, which inductor's CPU code keeps in vector mask registers (its
-    vectorized bool ``where`` is an element loop)."""
-    if mask.dtype != torch.bool:
-        mask = mask != 0
+    """``torch.where(mask, a, b)``; bool values as ``(mask & a) | (~mask & b)``, which inductor's
+    CPU code keeps in vector mask registers (its vectorized bool ``where`` is an element loop)."""
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return (mask & a) | (~mask & b)
     return torch.where(mask, a, b)
