@@ -54,9 +54,10 @@ class LiveMaskCategorical(Categorical):
 class EsperEnv(EnvBase):
     """Batched Esper seed-lifecycle environment (one RL step = one host epoch).
 
-    Keys: ``observation`` [E, 23+31S] float32, ``blueprint_index`` [E, S] int64, ``masks``
-    (one bool tensor per head, ``slot_by_op`` [E, 6, S]), ``action`` (one int64 head each,
-    SPEC §2 order), ``reward`` [E, 1], ``done``/``terminated``/``truncated`` [E, 1].
+    Keys: ``observation`` [E, 23+31S] float32 (a feature-major view, see features.py),
+    ``blueprint_index`` [E, S] int64, ``masks`` (one bool tensor per head, ``slot_by_op``
+    [E, 6, S]), ``action`` (one int64 head each, SPEC §2 order), ``reward`` [E, 1],
+    ``done``/``terminated``/``truncated`` [E, 1].
 
     Args:
         cfg: engine configuration (n_envs, slots, topology, device, seed, compile, ...).
