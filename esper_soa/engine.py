@@ -16,7 +16,7 @@ from esper_soa.alpha import hold_at
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
-from esper_soa.masks import as_bool, compute_masks
+from esper_soa.masks import compute_masks
 from esper_soa.reward import compute_reward
 from esper_soa.rng import episode_seed
 from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
@@ -189,8 +189,7 @@ class Engine:
 def _bool_masks(result: tuple[State, dict, dict[str, torch.Tensor]]) -> tuple[State, dict, dict[str, torch.Tensor]]:
     """The step/reset outputs with the uint8 mask flags as bool views (outside the graph: free)."""
     state, aux, out = result
-    flags = {k: v for k, v in out.items() if k.startswith("mask_")}
-    return state, aux, {**out, **as_bool(flags)}
+    return state, aux, {k: v.view(torch.bool) if k.startswith("mask_") else v for k, v in out.items()}
 
 
 def _masks_of(out: dict[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:
