@@ -64,7 +64,8 @@ def retarget(
 
 
 def hold_at(slots: State, sel: torch.Tensor, value: float) -> None:
-    """Put the controller in HOLD at ``value`` (entering HOLDING/FOSSILIZED, instant prune)."""
+    """Put the controller in HOLD at ``value`` with its step counters zeroed (germination, and
+    every prune: the original's ``SeedSlot.prune`` zeroes them)."""
     update(
         slots,
         sel,
@@ -74,6 +75,20 @@ def hold_at(slots: State, sel: torch.Tensor, value: float) -> None:
         alpha_mode=int(AlphaMode.HOLD),
         alpha_steps_total=0,
         alpha_steps_done=0,
+    )
+
+
+def finish_blend(slots: State, sel: torch.Tensor) -> None:
+    """Entering HOLDING: HOLD at 1 with ``steps_done = steps_total`` (the ramp's length is kept,
+    as the original's ``SeedSlot._on_blending_complete`` keeps it)."""
+    update(
+        slots,
+        sel,
+        alpha=1.0,
+        alpha_start=1.0,
+        alpha_target=1.0,
+        alpha_mode=int(AlphaMode.HOLD),
+        alpha_steps_done=slots["alpha_steps_total"],
     )
 
 

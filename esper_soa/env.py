@@ -19,7 +19,7 @@ from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.engine import Engine
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES, Blueprint, head_sizes
+from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, Blueprint, head_sizes
 
 MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
 DONE_KEYS = ("done", "terminated", "truncated")
@@ -98,7 +98,7 @@ class EsperEnv(EnvBase):
         )
         self.observation_spec = Composite(
             observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
-            blueprint_index=Bounded(0, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
+            blueprint_index=Bounded(EMPTY_BLUEPRINT_INDEX, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
             masks=Composite(
                 {k: Binary(n=masks[k].shape[-1], shape=masks[k].shape, dtype=torch.bool, device=dev) for k in MASK_KEYS},
                 shape=(e,),

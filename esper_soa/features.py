@@ -11,6 +11,7 @@ import torch
 from esper_soa.config import EngineConfig
 from esper_soa.spec import (
     CF_FRESHNESS_DECAY,
+    EMPTY_BLUEPRINT_INDEX,
     FIXED_HEAD_SIZES,
     AlphaMode,
     SpecTables,
@@ -29,7 +30,7 @@ def _frac(x: torch.Tensor, max_epochs: int) -> torch.Tensor:
 
 
 def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (observation [E, 23 + 31 S] float32, blueprint index [E, S] int64).
+    """Returns (observation [E, 23 + 31 S] float32, blueprint index [E, S] int64, -1 where empty).
 
     The observation is stored *feature-major*: it is the ``[E, F]`` transposed view of an
     ``[F, E]`` buffer (strides ``(1, E)``), like the slot fields (see ``state.py``). Every feature
@@ -96,10 +97,10 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
         slt["has_exploding"].to(f),
         slt["previous_gradient_health"],
         _frac(slt["epochs_in_stage"], horizon),
+        freshness,  # before seed_age, the original's order
         _frac(slt["seed_age"], horizon),
-        freshness,
     ]
     slot_rows = [feature[s] * seeded[s] for s in range(n_slots) for feature in per_slot]  # empty slots read 0
     obs = torch.stack([*base, *slot_rows]).T
-    blueprint_index = torch.where(has_seed.T, sl["blueprint"], torch.zeros_like(sl["blueprint"]))
+    blueprint_index = torch.where(has_seed.T, sl["blueprint"], torch.full_like(sl["blueprint"], EMPTY_BLUEPRINT_INDEX))
     return obs, blueprint_index

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from esper_soa.alpha import hold_at, retarget, tick_alpha
+from esper_soa.alpha import finish_blend, hold_at, retarget, tick_alpha
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import METRIC_FIELDS
 from esper_soa.spec import (
     ADVANCEABLE_STAGES,
     ALPHA_ATOL,
+    COUNTERFACTUAL_STAGES,
     EMBARGO_EPOCHS,
     G2_MIN_EPOCHS,
     G2_MIN_HEALTH,
@@ -69,17 +70,20 @@ def move(slots: State, sel: torch.Tensor, stage: Stage, val_acc: torch.Tensor) -
 
 # --- gates (SPEC §8) ---------------------------------------------------------------------------
 def gate_g2(st: State, cfg: EngineConfig) -> torch.Tensor:
+    """TRAINING -> BLENDING. Strict mode *replaces* the permissive safety checks (measured, not
+    exploding, healthy) with improvement and gradient-ratio checks, as the original's
+    ``QualityGates._check_g2`` does; both need ``G2_MIN_EPOCHS`` in stage."""
     sl = st["slots"]
-    ok = (
-        (sl["epochs_in_stage"] >= G2_MIN_EPOCHS)
+    trained = sl["epochs_in_stage"] >= G2_MIN_EPOCHS
+    if cfg.strict_gates:
+        improvement = st["val_acc"][:, None] - sl["accuracy_at_stage_start"]
+        return trained & (improvement >= G2_STRICT_IMPROVEMENT) & (sl["gradient_ratio"] >= G2_STRICT_GRAD_RATIO)
+    return (
+        trained
         & (sl["gradient_measured"] != 0)
         & (sl["has_exploding"] == 0)
         & (sl["gradient_health"] >= G2_MIN_HEALTH)
     )
-    if cfg.strict_gates:
-        improvement = st["val_acc"][:, None] - sl["accuracy_at_stage_start"]
-        ok = ok & (improvement >= G2_STRICT_IMPROVEMENT) & (sl["gradient_ratio"] >= G2_STRICT_GRAD_RATIO)
-    return ok
 
 
 def gate_g3(st: State, cfg: EngineConfig) -> torch.Tensor:
@@ -120,7 +124,7 @@ def advance(st: State, sel: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
         sl["alpha_steepness"],
     )
     move(sl, g3, Stage.HOLDING, st["val_acc"])
-    hold_at(sl, g3, 1.0)
+    finish_blend(sl, g3)
     return g1 | g2 | g3
 
 
@@ -222,7 +226,7 @@ def apply_op(
         germination_alpha_target=tables.alpha_targets[col["alpha_target"]],
         seed_age=0,
         germination_epoch=st["epoch"][:, None],
-        accuracy_at_germination=val_acc[:, None],
+        germination_val_acc=val_acc[:, None],
         seed_params=tables.blueprint_params[:, h["blueprint"]].T,
         pending_prune=False,
     )
@@ -252,8 +256,7 @@ def apply_op(
     # FOSSILIZE
     sel = on(Op.FOSSILIZE)
     fossilized = sel & gate_g5(st, cfg)
-    move(sl, fossilized, Stage.FOSSILIZED, val_acc)
-    hold_at(sl, fossilized, 1.0)
+    move(sl, fossilized, Stage.FOSSILIZED, val_acc)  # the controller stays as HOLDING left it
     st["n_fossilized"] = st["n_fossilized"] + fossilized.sum(1)
 
     # ADVANCE
@@ -268,35 +271,36 @@ def apply_op(
 
 # --- per-epoch tick (SPEC §6) ------------------------------------------------------------------
 def tick(state: State, cfg: EngineConfig) -> State:
-    """Advance every slot's clocks by one epoch, run embargo/reset and the alpha controller."""
+    """One epoch of every slot after the op, in the original's order: first its
+    ``SeedSlot.step_epoch`` (cooldown moves, auto-advance, the alpha tick), then the epoch count
+    that its ``record_accuracy`` makes, so a slot moved here is observed with 1 epoch in stage."""
     st, sl = copy_state(state)
     val_acc = st["val_acc"]
-    pruned = sl["stage"] == int(Stage.PRUNED)
+    stage = sl["stage"]
+    pruned = stage == int(Stage.PRUNED)
+    blending = stage == int(Stage.BLENDING)  # before auto G2: a seed it moves does no alpha tick
     move(sl, pruned, Stage.EMBARGOED, val_acc)
 
-    auto = (
-        (Stage.GERMINATED, cfg.auto_forward_g1),
-        (Stage.TRAINING, cfg.auto_forward_g2),
-        (Stage.BLENDING, cfg.auto_forward_g3),
-    )
-    auto_stages = tuple(stage for stage, on in auto if on)
-    if auto_stages:  # static config, not data-dependent
-        advance(st, stage_in(sl["stage"], auto_stages) & ~pruned, cfg)
+    early = tuple(s for s, on in ((Stage.GERMINATED, cfg.auto_forward_g1), (Stage.TRAINING, cfg.auto_forward_g2)) if on)
+    if early:  # static config, not data-dependent
+        advance(st, stage_in(stage, early), cfg)
 
-    stage = sl["stage"]
-    ticking = ~pruned & stage_in(stage, LIVE_STAGES + (Stage.EMBARGOED, Stage.RESETTING))
-    sl["epochs_in_stage"] = sl["epochs_in_stage"] + ticking.to(sl["epochs_in_stage"].dtype)
-    sl["seed_age"] = sl["seed_age"] + ticking.to(sl["seed_age"].dtype)
-    ticking_embargo = ticking & (stage == int(Stage.EMBARGOED)) & (sl["epochs_in_stage"] >= EMBARGO_EPOCHS)
-    ticking_reset = ticking & (stage == int(Stage.RESETTING)) & (sl["epochs_in_stage"] >= RESETTING_EPOCHS)
-    move(sl, ticking_embargo, Stage.RESETTING, val_acc)
-    st["slots"] = sl = where_slots(ticking_reset, neutral_slots_like(sl), sl)
-
-    blending = sl["stage"] == int(Stage.BLENDING)
     tick_alpha(sl, blending)
     prune_done = blending & (sl["pending_prune"] != 0) & (sl["alpha_mode"] == int(AlphaMode.HOLD))
     move(sl, prune_done, Stage.PRUNED, val_acc)
+    hold_at(sl, prune_done, 0.0)
     update(sl, prune_done, pending_prune=False)
+    if cfg.auto_forward_g3:  # G3 right after the tick, so HOLDING starts when the ramp ends
+        advance(st, blending & ~prune_done, cfg)
+
+    counted = (stage_in(sl["stage"], LIVE_STAGES + (Stage.EMBARGOED, Stage.RESETTING)) & ~pruned) | prune_done
+    sl["epochs_in_stage"] = sl["epochs_in_stage"] + counted.to(sl["epochs_in_stage"].dtype)
+    sl["seed_age"] = sl["seed_age"] + counted.to(sl["seed_age"].dtype)
+    stage = sl["stage"]
+    embargo_over = counted & (stage == int(Stage.EMBARGOED)) & (sl["epochs_in_stage"] >= EMBARGO_EPOCHS)
+    reset_over = counted & (stage == int(Stage.RESETTING)) & (sl["epochs_in_stage"] >= RESETTING_EPOCHS)
+    move(sl, embargo_over, Stage.RESETTING, val_acc)
+    st["slots"] = where_slots(reset_over, neutral_slots_like(sl), sl)
     return st
 
 
@@ -330,8 +334,12 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     st["acc_history"] = torch.cat([st["acc_history"][:, 1:], val_acc[:, None]], dim=1)
     st["history_len"] = (st["history_len"] + 1).clamp(max=st["loss_history"].shape[1])
 
-    live = stage_in(sl["stage"], LIVE_STAGES)
-    measured = live & (sl["alpha"] > 0)
+    # a seed's first recorded epoch sets its baselines (the original's record_accuracy with
+    # epochs_total == 0), after any auto G1 of this tick
+    first = stage_in(sl["stage"], LIVE_STAGES) & (sl["seed_age"] == 1)
+    update(sl, first, accuracy_at_germination=val_acc[:, None], accuracy_at_stage_start=val_acc[:, None])
+
+    measured = stage_in(sl["stage"], COUNTERFACTUAL_STAGES) & (sl["alpha"] > 0)
     was_measured = sl["contribution_measured"] != 0
     new_c = val_acc[:, None] - metrics["acc_without_slot"]
     update(
@@ -354,9 +362,6 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     update(
         sl,
         graded,
-        previous_gradient_health=torch.where(
-            sl["gradient_measured"] != 0, sl["gradient_health"], torch.full_like(sl["gradient_health"], -1.0)
-        ),
         gradient_norm=metrics["gradient_norm"],
         gradient_health=metrics["gradient_health"],
         gradient_ratio=metrics["gradient_ratio"],

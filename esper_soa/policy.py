@@ -3,7 +3,7 @@
 Layout (all batched, no per-env code):
 
     observation --ObservationNormalizer--+
-    blueprint_index --Embedding(13, 4)---+--> MLP trunk --[LSTM]--> features
+    blueprint_index --Embedding(13+1, 4)-+--> MLP trunk --[LSTM]--> features
     features --Linear--> padded logits [..., 8, K]      (one masked head per action head)
     features --Linear--> state_value [..., 1]           (de-normalised when value norm is on)
     logits + masks --FactoredActor--> ("action", head) x 8, sample_log_prob, head_log_prob
@@ -39,7 +39,7 @@ from esper_soa.distribution import (
     unstack_action,
 )
 from esper_soa.env import MASK_KEYS
-from esper_soa.spec import HEAD_NAMES, OBS_BASE, OBS_SLOT, Blueprint, head_sizes
+from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, OBS_BASE, OBS_SLOT, Blueprint, head_sizes
 
 ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
 RECURRENT_KEYS = ("recurrent_state_h", "recurrent_state_c")
@@ -149,6 +149,20 @@ def _init(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
+class BlueprintEmbedding(nn.Module):
+    """Learned vector per blueprint, plus a learned null row (the last) for empty slots, whose
+    index is ``EMPTY_BLUEPRINT_INDEX`` (-1), as in the original's ``BlueprintEmbedding``."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.null_row = len(Blueprint)
+        self.table = nn.Embedding(len(Blueprint) + 1, embed_dim)
+
+    def forward(self, blueprint_index: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(blueprint_index == EMPTY_BLUEPRINT_INDEX, self.null_row, blueprint_index)
+        return self.table(idx)
+
+
 class Trunk(nn.Module):
     """Normalised observation + a learned 4-dim blueprint embedding per slot -> MLP features.
 
@@ -164,7 +178,7 @@ class Trunk(nn.Module):
         super().__init__()
         obs_dim = OBS_BASE + OBS_SLOT * n_slots
         self.obs_norm = ObservationNormalizer(obs_dim, obs_clip, normalize_obs)
-        self.embed = nn.Embedding(len(Blueprint), embed_dim)
+        self.embed = BlueprintEmbedding(embed_dim)
         first = _init(nn.Linear(obs_dim + n_slots * embed_dim, hidden), math.sqrt(2.0))
         self.obs_in = nn.Linear(obs_dim, hidden)
         self.embed_in = nn.Linear(n_slots * embed_dim, hidden, bias=False)

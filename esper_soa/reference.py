@@ -29,7 +29,9 @@ from esper_soa.spec import (
     ALPHA_TARGET_DEFAULT,
     ALPHA_TARGETS,
     CF_FRESHNESS_DECAY,
+    COUNTERFACTUAL_STAGES,
     CURVE_STEEPNESS,
+    EMPTY_BLUEPRINT_INDEX,
     EMBARGO_EPOCHS,
     G2_MIN_EPOCHS,
     G2_MIN_HEALTH,
@@ -170,6 +172,12 @@ class RefSlot:
         self.alpha_steps_done = 0
         self.alpha_mode = int(AlphaMode.HOLD)
 
+    def finish_blend(self) -> None:
+        """Entering HOLDING: HOLD at 1, the ramp's length kept and counted as done."""
+        self.alpha = self.alpha_start = self.alpha_target = 1.0
+        self.alpha_steps_done = self.alpha_steps_total
+        self.alpha_mode = int(AlphaMode.HOLD)
+
     def retarget(self, target: float, steps: int, curve: int, steepness: float) -> None:
         """Start a ramp from the current alpha to ``target`` over ``steps`` ticks (only from HOLD)."""
         if self.alpha_mode != AlphaMode.HOLD:
@@ -237,8 +245,13 @@ class RefEnv:
         self.history_len = min(self.history_len + 1, HISTORY_LEN)
 
         for s, slot in enumerate(self.slots):
-            if slot.stage in LIVE_STAGES and slot.alpha > 0.0:
-                # counterfactual: only a seed that reaches the host output can be measured
+            if slot.stage in LIVE_STAGES and slot.seed_age == 1:
+                # the seed's first recorded epoch sets its baselines (original: record_accuracy)
+                slot.accuracy_at_germination = self.val_acc
+                slot.accuracy_at_stage_start = self.val_acc
+            if slot.stage in COUNTERFACTUAL_STAGES and slot.alpha > 0.0:
+                # counterfactual: only a seed that reaches the host output is measured, and the
+                # original stops measuring FOSSILIZED seeds (their last values stay)
                 new = self.val_acc - m["acc_without_slot"][s]
                 slot.contribution_velocity = new - slot.contribution if slot.contribution_measured else 0.0
                 slot.previous_contribution = slot.contribution
@@ -250,8 +263,7 @@ class RefEnv:
                 slot.epochs_since_measurement += 1
 
             if slot.stage in GRADIENT_STAGES:
-                # only seeds that train have gradients
-                slot.previous_gradient_health = slot.gradient_health if slot.gradient_measured else -1.0
+                # gradient telemetry only for TRAINING and BLENDING seeds, as the original
                 slot.gradient_norm = m["gradient_norm"][s]
                 slot.gradient_health = m["gradient_health"][s]
                 slot.gradient_ratio = m["gradient_ratio"][s]
@@ -305,17 +317,14 @@ class ReferenceEngine:
         return True
 
     def gate_g2(self, env: RefEnv, slot: RefSlot) -> bool:
-        """TRAINING -> BLENDING: trained long enough with healthy, measured gradients."""
-        ok = (
-            slot.epochs_in_stage >= G2_MIN_EPOCHS
-            and slot.gradient_measured
-            and not slot.has_exploding
-            and _f32(slot.gradient_health) >= _f32(G2_MIN_HEALTH)
-        )
-        if ok and self.cfg.strict_gates:
+        """TRAINING -> BLENDING after G2_MIN_EPOCHS in stage: permissive needs measured, healthy,
+        non-exploding gradients; strict *instead* needs improvement and an active gradient ratio."""
+        if slot.epochs_in_stage < G2_MIN_EPOCHS:
+            return False
+        if self.cfg.strict_gates:
             improvement = _f32(env.val_acc - slot.accuracy_at_stage_start)
-            ok = improvement >= _f32(G2_STRICT_IMPROVEMENT) and _f32(slot.gradient_ratio) >= _f32(G2_STRICT_GRAD_RATIO)
-        return ok
+            return improvement >= _f32(G2_STRICT_IMPROVEMENT) and _f32(slot.gradient_ratio) >= _f32(G2_STRICT_GRAD_RATIO)
+        return slot.gradient_measured and not slot.has_exploding and _f32(slot.gradient_health) >= _f32(G2_MIN_HEALTH)
 
     def gate_g3(self, env: RefEnv, slot: RefSlot) -> bool:
         """BLENDING -> HOLDING: the blend has finished its ramp to full alpha."""
@@ -416,7 +425,7 @@ class ReferenceEngine:
         slot.hold_alpha_at(0.0)
         slot.seed_age = 0
         slot.germination_epoch = env.epoch
-        slot.accuracy_at_germination = env.val_acc
+        slot.germination_val_acc = env.val_acc
         slot.seed_params = float(blueprint_params(slot.blueprint, self.widths[s]))
         slot.pending_prune = False
         return True
@@ -453,8 +462,7 @@ class ReferenceEngine:
         slot = env.slots[s]
         if not self.gate_g5(env, slot):
             return False
-        slot.transition_to(Stage.FOSSILIZED, env.val_acc)
-        slot.hold_alpha_at(1.0)
+        slot.transition_to(Stage.FOSSILIZED, env.val_acc)  # the controller stays as HOLDING left it
         env.n_fossilized += 1
         return True
 
@@ -480,7 +488,7 @@ class ReferenceEngine:
             if not self.gate_g3(env, slot):
                 return False
             slot.transition_to(Stage.HOLDING, env.val_acc)
-            slot.hold_alpha_at(1.0)
+            slot.finish_blend()
             return True
         return False
 
@@ -498,34 +506,33 @@ class ReferenceEngine:
         return handler(env, s, act)
 
     # --- tick (SPEC §6, SEMANTICS "Tick") -------------------------------------------------------
-    def auto_advance(self, env: RefEnv, slot: RefSlot) -> None:
-        """Optional auto-forward flags: try G1, then G2, then G3 on the slot's current stage."""
-        cfg = self.cfg
-        if cfg.auto_forward_g1 and slot.stage == Stage.GERMINATED:
-            self.advance_slot(env, slot)
-        if cfg.auto_forward_g2 and slot.stage == Stage.TRAINING:
-            self.advance_slot(env, slot)
-        if cfg.auto_forward_g3 and slot.stage == Stage.BLENDING:
-            self.advance_slot(env, slot)
-
     def tick_slot(self, env: RefEnv, slot: RefSlot) -> None:
-        """One epoch of one slot, after the op."""
-        if slot.stage == Stage.PRUNED:
+        """One epoch of one slot, after the op: the original's ``step_epoch``, then the count."""
+        cfg = self.cfg
+        start = slot.stage
+        if start == Stage.PRUNED:
             slot.transition_to(Stage.EMBARGOED, env.val_acc)
             return
-        self.auto_advance(env, slot)
-        if slot.stage in LIVE_STAGES or slot.stage in (Stage.EMBARGOED, Stage.RESETTING):
+        if start == Stage.GERMINATED and cfg.auto_forward_g1:
+            self.advance_slot(env, slot)
+        elif start == Stage.TRAINING and cfg.auto_forward_g2:
+            self.advance_slot(env, slot)  # a seed moved to BLENDING here ramps from the next tick
+        elif start == Stage.BLENDING:
+            slot.tick_alpha()
+            if slot.pending_prune and slot.alpha_mode == AlphaMode.HOLD:
+                slot.transition_to(Stage.PRUNED, env.val_acc)
+                slot.hold_alpha_at(0.0)
+                slot.pending_prune = False
+            elif cfg.auto_forward_g3:
+                self.advance_slot(env, slot)  # HOLDING in the epoch the ramp completes
+        # the epoch count (the original's record_accuracy); a slot pruned just now counts too
+        if slot.stage in LIVE_STAGES or slot.stage in (Stage.PRUNED, Stage.EMBARGOED, Stage.RESETTING):
             slot.epochs_in_stage += 1
             slot.seed_age += 1
             if slot.stage == Stage.EMBARGOED and slot.epochs_in_stage >= EMBARGO_EPOCHS:
                 slot.transition_to(Stage.RESETTING, env.val_acc)
             elif slot.stage == Stage.RESETTING and slot.epochs_in_stage >= RESETTING_EPOCHS:
                 slot.clear()
-        if slot.stage == Stage.BLENDING:
-            slot.tick_alpha()
-            if slot.pending_prune and slot.alpha_mode == AlphaMode.HOLD:
-                slot.transition_to(Stage.PRUNED, env.val_acc)
-                slot.pending_prune = False
 
     def tick_env(self, env: RefEnv) -> None:
         for slot in env.slots:
@@ -547,8 +554,10 @@ class ReferenceEngine:
             op, s, valid = self.resolve_action(env, act)
             rewards[i] = self.env_reward(env, op, s)
             env.episode_return += rewards[i]
-            for slot in env.slots:  # 1. so the shock term sees this step's alpha change
-                slot.previous_alpha = slot.alpha
+            for slot in env.slots:  # 1. values as of this decision
+                slot.previous_alpha = slot.alpha  # so the shock term sees this step's alpha change
+                if slot.gradient_measured:  # the next observation's "previous gradient health"
+                    slot.previous_gradient_health = slot.gradient_health
             ok = self.execute_op(env, op, s, act) if valid else False  # 2.
             env.last_op = op
             env.last_action_success = 1.0 if ok else 0.0
@@ -613,7 +622,7 @@ class ReferenceEngine:
         if T is not None and T.stage in PRUNABLE_STAGES:
             c_known = T.contribution_measured and T.epochs_since_measurement == 0
             c = T.contribution
-            p = acc - T.accuracy_at_germination
+            p = acc - T.germination_val_acc
             e = T.epochs_in_stage
             d = _sigmoid(3.0 * I_) if I_ < 0 else 1.0
             if c_known:
@@ -792,8 +801,8 @@ class ReferenceEngine:
             float(slot.has_exploding),
             slot.previous_gradient_health,
             frac(slot.epochs_in_stage),
+            freshness,  # before seed_age, the original's order
             frac(slot.seed_age),
-            freshness,
         ]
 
     def observation(self) -> np.ndarray:
@@ -803,9 +812,9 @@ class ReferenceEngine:
         return obs
 
     def blueprint_index(self) -> np.ndarray:
-        """``[E, S]`` blueprint per slot for the policy's embedding (0 for empty slots)."""
+        """``[E, S]`` blueprint per slot for the policy's embedding (-1 for empty slots)."""
         return np.array(
-            [[slot.blueprint if slot.has_seed else 0 for slot in env.slots] for env in self.envs],
+            [[slot.blueprint if slot.has_seed else EMPTY_BLUEPRINT_INDEX for slot in env.slots] for env in self.envs],
             dtype=np.int64,
         )
 

@@ -67,7 +67,7 @@ def reward_terms(
     imp = acc - state["acc_all_seeds_off"]  # I
     c_known = (t["contribution_measured"] != 0) & (t["epochs_since_measurement"] == 0)
     c = t["contribution"]
-    p = acc - t["accuracy_at_germination"]
+    p = acc - t["germination_val_acc"]
     e = t["epochs_in_stage"].to(f)
     age = t["seed_age"].to(f)
     is_op = {o: op == int(o) for o in OPS}

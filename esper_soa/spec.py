@@ -101,6 +101,9 @@ STYLE_ALGORITHM = (
     AlphaAlgorithm.ADD,
     AlphaAlgorithm.GATE,
 )
+# Blueprint index of an empty slot in the observation's index tensor (the original's contract;
+# an embedding maps it to a learned null row, see policy.BlueprintEmbedding).
+EMPTY_BLUEPRINT_INDEX = -1
 STYLE_DEFAULT = Style.SIGMOID_ADD  # the only style left unmasked when no op uses the head
 ALPHA_TARGET_DEFAULT = 2  # FULL
 
@@ -164,7 +167,11 @@ GERMINATE_BLOCKING_STAGES = (
     Stage.EMBARGOED,
     Stage.RESETTING,
 )
-GRADIENT_STAGES = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)  # stages whose seed trains
+# Stages whose seed gets a counterfactual when its alpha > 0: the original stops measuring
+# FOSSILIZED seeds (their last contribution stays); PRUNED and later have no seed module.
+COUNTERFACTUAL_STAGES = PRUNABLE_STAGES
+# Stages whose seed reports gradient telemetry (the original collects it for these two only).
+GRADIENT_STAGES = (Stage.TRAINING, Stage.BLENDING)
 
 # --- topology and blueprints ------------------------------------------------------------------
 TOPOLOGY_BLUEPRINTS = {

@@ -49,7 +49,8 @@ SLOT_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "alpha_steps_total": (I32, 0),
     "alpha_steps_done": (I32, 0),
     "pending_prune": (B, False),
-    "accuracy_at_germination": (F, 0.0),
+    "accuracy_at_germination": (F, 0.0),  # val_acc of the seed's first recorded epoch
+    "germination_val_acc": (F, 0.0),  # val_acc when GERMINATE ran (the reward's p)
     "accuracy_at_stage_start": (F, 0.0),
     "contribution": (F, 0.0),
     "contribution_measured": (B, False),
@@ -59,7 +60,7 @@ SLOT_FIELDS: dict[str, tuple[torch.dtype, float]] = {
     "interaction_sum": (F, 0.0),
     "gradient_norm": (F, 0.0),
     "gradient_health": (F, 0.0),
-    "previous_gradient_health": (F, -1.0),  # -1 = never measured before the last measurement
+    "previous_gradient_health": (F, -1.0),  # health as of the last decision; -1 = not measured then
     "gradient_measured": (B, False),
     "gradient_ratio": (F, 0.0),
     "has_vanishing": (B, False),

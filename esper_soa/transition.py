@@ -19,9 +19,17 @@ from esper_soa.state import State, slot_major
 def act(
     state: State, action: dict[str, torch.Tensor], tables: SpecTables, cfg: EngineConfig
 ) -> tuple[State, torch.Tensor, torch.Tensor]:
-    """Op + tick + epoch count: everything of a step that comes before the host epoch."""
+    """Op + tick + epoch count: everything of a step that comes before the host epoch.
+
+    First the values "as of this decision" are kept: alpha (for the shock term) and the measured
+    gradient health, which the next observation shows as the previous health (the original
+    stores it after each decision; a slot never measured keeps -1).
+    """
     slots = dict(state["slots"])
     slots["previous_alpha"] = slots["alpha"]
+    slots["previous_gradient_health"] = torch.where(
+        slots["gradient_measured"] != 0, slots["gradient_health"], slots["previous_gradient_health"]
+    )
     state = {**state, "slots": slots}
     state, op, success = apply_op(state, action, tables, cfg)
     state = tick(state, cfg)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: random metric inputs and mask-respecting / arbitrary random actions."""
+"""Shared test fixtures: random and hand-set metric inputs, random and hand-set actions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from esper_soa.dynamics.base import METRIC_FIELDS
-from esper_soa.spec import HEAD_NAMES, head_sizes
+from esper_soa.spec import HEAD_NAMES, AlphaCurve, Blueprint, Op, Style, head_sizes
 
 
 def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:
@@ -60,3 +60,56 @@ def random_action(
 def to_numpy(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Tensors to numpy arrays, nested dicts (the state's ``slots``) included."""
     return {k: to_numpy(v) if isinstance(v, dict) else v.cpu().numpy() for k, v in d.items()}
+
+
+# head indices used by the hand-written sequences
+TEMPO_STANDARD = 1  # 5 epochs
+TARGET_HALF, TARGET_FULL = 0, 2
+SPEED_INSTANT, SPEED_FAST, SPEED_MEDIUM = 0, 1, 2
+
+
+def make_metrics(
+    n_envs: int,
+    n_slots: int,
+    val_acc: float = 50.0,
+    val_loss: float = 1.0,
+    acc_all_seeds_off: float | None = None,
+    host_params: float = 1e5,
+    acc_without_slot: float | None = None,
+    interaction_sum: float = 0.0,
+    gradient_health: float = 1.0,
+    gradient_ratio: float = 0.5,
+    has_exploding: bool = False,
+) -> dict[str, np.ndarray]:
+    """Metrics of METRIC_FIELDS; by default no seed changes the accuracy."""
+    env = lambda v, dt=np.float32: np.full(n_envs, v, dtype=dt)  # noqa: E731
+    slot = lambda v, dt=np.float32: np.full((n_envs, n_slots), v, dtype=dt)  # noqa: E731
+    return {
+        "val_loss": env(val_loss),
+        "val_acc": env(val_acc),
+        "acc_all_seeds_off": env(val_acc if acc_all_seeds_off is None else acc_all_seeds_off),
+        "host_params": env(host_params),
+        "diverged": env(False, bool),
+        "acc_without_slot": slot(val_acc if acc_without_slot is None else acc_without_slot),
+        "interaction_sum": slot(interaction_sum),
+        "gradient_norm": slot(1.0),
+        "gradient_health": slot(gradient_health),
+        "gradient_ratio": slot(gradient_ratio),
+        "has_vanishing": slot(False, bool),
+        "has_exploding": slot(has_exploding, bool),
+    }
+
+
+def make_actions(n_envs: int = 1, **heads: int) -> dict[str, np.ndarray]:
+    defaults = dict(
+        op=Op.WAIT,
+        slot=0,
+        blueprint=Blueprint.CONV_LIGHT,
+        style=Style.SIGMOID_ADD,
+        tempo=TEMPO_STANDARD,
+        alpha_target=TARGET_FULL,
+        alpha_speed=SPEED_INSTANT,
+        alpha_curve=AlphaCurve.LINEAR,
+    )
+    defaults.update(heads)
+    return {h: np.full(n_envs, int(defaults[h]), dtype=np.int64) for h in HEAD_NAMES}

@@ -218,11 +218,13 @@ def test_actor_is_greedy_under_deterministic_exploration() -> None:
 def test_blueprint_embedding_feeds_the_trunk() -> None:
     torch.manual_seed(0)
     ac = ActorCritic(S)
-    obs = torch.zeros(2, 23 + 31 * S)
-    bp = torch.tensor([[0, 0, 0], [7, 0, 0]])
-    features = ac.trunk(obs, bp)
+    bp = torch.tensor([[0, 0, 0], [7, 0, 0], [-1, 0, 0]])
+    features = ac.trunk(torch.zeros(3, 23 + 31 * S), bp)
     assert not torch.allclose(features[0], features[1])
-    assert ac.trunk.embed.weight.shape == (13, 4)
+    assert not torch.allclose(features[0], features[2])  # empty (-1) is its own learned null row
+    assert ac.trunk.embed.table.weight.shape == (14, 4)
+    emb = ac.trunk.embed(torch.tensor([-1, 12]))
+    assert torch.equal(emb[0], ac.trunk.embed.table.weight[13]) and torch.equal(emb[1], ac.trunk.embed.table.weight[12])
 
 
 def test_lstm_state_is_carried_and_reset_on_is_init() -> None:

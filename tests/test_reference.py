@@ -32,60 +32,7 @@ from esper_soa.spec import (
     stage_onehot_index,
 )
 from esper_soa.state import ENV_FIELDS, SLOT_FIELDS
-
-# head indices used below
-TEMPO_STANDARD = 1  # 5 epochs
-TARGET_HALF, TARGET_FULL = 0, 2
-SPEED_INSTANT, SPEED_FAST, SPEED_MEDIUM = 0, 1, 2
-
-
-# --- helpers ------------------------------------------------------------------------------------
-def make_metrics(
-    n_envs: int,
-    n_slots: int,
-    val_acc: float = 50.0,
-    val_loss: float = 1.0,
-    acc_all_seeds_off: float | None = None,
-    host_params: float = 1e5,
-    acc_without_slot: float | None = None,
-    interaction_sum: float = 0.0,
-    gradient_health: float = 1.0,
-    gradient_ratio: float = 0.5,
-    has_exploding: bool = False,
-) -> dict[str, np.ndarray]:
-    """Metrics of METRIC_FIELDS; by default no seed changes the accuracy."""
-    env = lambda v, dt=np.float32: np.full(n_envs, v, dtype=dt)  # noqa: E731
-    slot = lambda v, dt=np.float32: np.full((n_envs, n_slots), v, dtype=dt)  # noqa: E731
-    return {
-        "val_loss": env(val_loss),
-        "val_acc": env(val_acc),
-        "acc_all_seeds_off": env(val_acc if acc_all_seeds_off is None else acc_all_seeds_off),
-        "host_params": env(host_params),
-        "diverged": env(False, bool),
-        "acc_without_slot": slot(val_acc if acc_without_slot is None else acc_without_slot),
-        "interaction_sum": slot(interaction_sum),
-        "gradient_norm": slot(1.0),
-        "gradient_health": slot(gradient_health),
-        "gradient_ratio": slot(gradient_ratio),
-        "has_vanishing": slot(False, bool),
-        "has_exploding": slot(has_exploding, bool),
-    }
-
-
-def make_actions(n_envs: int = 1, **heads: int) -> dict[str, np.ndarray]:
-    defaults = dict(
-        op=Op.WAIT,
-        slot=0,
-        blueprint=Blueprint.CONV_LIGHT,
-        style=Style.SIGMOID_ADD,
-        tempo=TEMPO_STANDARD,
-        alpha_target=TARGET_FULL,
-        alpha_speed=SPEED_INSTANT,
-        alpha_curve=AlphaCurve.LINEAR,
-    )
-    defaults.update(heads)
-    return {h: np.full(n_envs, int(defaults[h]), dtype=np.int64) for h in HEAD_NAMES}
-
+from tests.helpers import SPEED_FAST, SPEED_INSTANT, SPEED_MEDIUM, TARGET_FULL, TARGET_HALF, TEMPO_STANDARD, make_actions, make_metrics
 
 def make_engine(n_envs: int = 1, n_slots: int = 3, **cfg_kw) -> ReferenceEngine:
     cfg = EngineConfig(n_envs=n_envs, n_slots=n_slots, **cfg_kw)
@@ -227,7 +174,8 @@ def test_ramped_prune_completes_when_alpha_reaches_zero() -> None:
     assert slot.alpha == pytest.approx(1 / 3) and slot.stage == Stage.BLENDING
     step(eng)
     assert slot.stage == Stage.PRUNED and slot.alpha == 0.0 and not slot.pending_prune
-    assert slot.epochs_in_stage == 0
+    assert slot.epochs_in_stage == 1  # the original counts the PRUNED epoch (record_accuracy)
+    assert (slot.alpha_start, slot.alpha_target, slot.alpha_steps_total, slot.alpha_steps_done) == (0.0, 0.0, 0, 0)
     step(eng)
     assert slot.stage == Stage.EMBARGOED and slot.epochs_in_stage == 0
 
@@ -262,10 +210,12 @@ def test_g2_thresholds(mode: str) -> None:
                 gradient_health=F32(0.7), gradient_ratio=F32(0.10), accuracy_at_stage_start=60.0)
     set_slot(eng, 0, **good)
     assert eng.gate_g2(env, slot)
-    for bad in (dict(epochs_in_stage=9), dict(gradient_measured=False), dict(has_exploding=True),
-                dict(gradient_health=F32(0.69))):
+    set_slot(eng, 0, **{**good, "epochs_in_stage": 9})
+    assert not eng.gate_g2(env, slot)
+    # permissive-only safety checks: strict replaces them (original QualityGates._check_g2)
+    for bad in (dict(gradient_measured=False), dict(has_exploding=True), dict(gradient_health=F32(0.69))):
         set_slot(eng, 0, **{**good, **bad})
-        assert not eng.gate_g2(env, slot), bad
+        assert eng.gate_g2(env, slot) == (mode == "strict"), bad
     # strict-only requirements
     for strict_bad in (dict(accuracy_at_stage_start=60.25), dict(gradient_ratio=F32(0.09))):
         set_slot(eng, 0, **{**good, **strict_bad})
@@ -429,9 +379,9 @@ def test_observation_history_padding_and_slot_block() -> None:
     assert s1[0] == 1.0 and s1[1 + stage_onehot_index(Stage.GERMINATED)] == 1.0 and s1[1:11].sum() == 1.0
     assert s1[14] == pytest.approx(8 / 12)  # tempo SLOW
     assert s1[27] == -1.0  # previous gradient health never measured
-    assert s1[28] == pytest.approx(1 / 150) and s1[29] == pytest.approx(1 / 150)
-    assert s1[30] == -1.0  # counterfactual never measured
-    assert eng.blueprint_index()[0].tolist() == [0, Blueprint.NORM]
+    assert s1[28] == pytest.approx(1 / 150) and s1[30] == pytest.approx(1 / 150)  # stage epochs, seed age
+    assert s1[29] == -1.0  # counterfactual never measured (freshness comes before seed_age)
+    assert eng.blueprint_index()[0].tolist() == [-1, Blueprint.NORM]  # -1: empty, as the original
     for _ in range(5):
         step(eng)
     assert (eng.observation()[0][3:13] != -1).all()
@@ -531,12 +481,15 @@ def test_fossilize_shaping() -> None:
 @pytest.mark.parametrize("mode", ["sparse", "minimal", "simplified"])
 def test_other_reward_modes(mode: str) -> None:
     eng = make_engine(n_slots=2, max_epochs=3, reward_mode=mode)
-    set_slot(eng, 0, stage=Stage.FOSSILIZED, seed_params=50000.0, alpha=1.0, alpha_target=1.0)
+    # a fossil measured at 1.5 pp before it fossilized; fossils are not measured again (original)
+    set_slot(eng, 0, stage=Stage.FOSSILIZED, seed_params=50000.0, alpha=1.0, alpha_target=1.0,
+             contribution=1.5, contribution_measured=True)
     assert reward_of(eng, slot=1) == 0.0
-    m = make_metrics(1, 2, acc_without_slot=48.5)  # the fossil contributes 1.5 pp
+    m = make_metrics(1, 2, acc_without_slot=40.0)
     step(eng, m, slot=1)
     step(eng, m, slot=1)
     assert eng.envs[0].slots[0].contribution == pytest.approx(1.5)
+    assert eng.envs[0].slots[0].epochs_since_measurement == 2
     expected = {
         "sparse": 0.5 - 0.1 * 50000.0 / 5e5,
         "minimal": 0.5 - 0.1 * 50000.0 / 5e5,
