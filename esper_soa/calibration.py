@@ -399,7 +399,9 @@ def seed_observations(traj: Trajectories, scfg: SurrogateConfig, topology: str =
     den = terms["alpha"] * terms["size"] * terms["learned"]
     ids = seed_ids(traj)
     ok = np.isfinite(traj.contribution) & (traj.algorithm == int(AlphaAlgorithm.ADD)) & (den >= min_den)
-    ok &= ids >= 0
+    # HOLDING measurements are left out: a controller stops measuring a seed (FOSSILIZE) when a
+    # measurement clears its bar, so the last one there is selected by its own noise
+    ok &= (ids >= 0) & (traj.stage != int(Stage.HOLDING))
     means = np.asarray(scfg.blueprint_benefit_mean, dtype=float)
     rows: dict[tuple[int, int, int], int] = {}
     for e, t, s in zip(*np.nonzero(ok)):  # later epochs overwrite: the last observation wins

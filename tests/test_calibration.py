@@ -114,13 +114,15 @@ def test_seed_effect_estimator_on_synthetic_observations():
 
 @pytest.mark.parametrize(
     "benefit_pp, benefit_std, cf_noise, tol_pp, tol_std",
-    [(2.5, 0.6, 0.3, 0.12, 0.15), (1.0, 1.5, 0.5, 0.20, 0.20)],
+    [(2.5, 0.6, 0.3, 0.12, 0.15), (1.0, 1.5, 0.5, 0.25, 0.20)],
 )
 def test_seed_effect_fit_recovers_surrogate_parameters(benefit_pp, benefit_std, cf_noise, tol_pp, tol_std):
     """Heuristic-controlled surrogate runs: learning, co-adaptation, interactions, controller
     selection and noise all present; the fit must still land near the truth. (G2 reads gradient
-    health, which correlates with the benefit, so the blended seeds are a slightly selected
-    sample: ``benefit_pp`` comes out a few percent high, hence the looser tolerance.)"""
+    health, which correlates with the benefit, and the heuristic prunes blending seeds whose
+    accuracy falls, so the measured seeds are a selected sample: ``benefit_pp`` comes out high,
+    more so for a small mean benefit (+21% at 1.0 pp since fossils are no longer measured after
+    fossilizing, as in the original), hence the looser tolerance there.)"""
     truth = SurrogateConfig(benefit_pp=benefit_pp, benefit_std=benefit_std, cf_noise_std=cf_noise)
     cfg = EngineConfig(n_envs=1024, n_slots=3, max_epochs=60, seed=2, dynamics_config=truth)
     traj = collect_trajectories(cfg, "heuristic")
