@@ -77,7 +77,7 @@ _ENV_NEUTRAL = {name: _PY_TYPE[dt](v) for name, (dt, v, _shape) in ENV_FIELDS.it
 _HISTORY_FIELDS = ("loss_history", "acc_history")
 
 _N_OPS = len(Op)
-_METRIC_ENV = ("val_loss", "val_acc", "acc_all_seeds_off", "host_params")
+_METRIC_ENV = ("val_loss", "val_acc", "acc_all_seeds_off", "acc_committed", "host_params")
 _METRIC_SLOT_FLOATS = ("acc_without_slot", "interaction_sum", "gradient_norm", "gradient_health", "gradient_ratio")
 _METRIC_SLOT_BOOLS = ("has_vanishing", "has_exploding")
 
@@ -230,6 +230,7 @@ class RefEnv:
         self.val_loss = m["val_loss"]
         self.val_acc = m["val_acc"]
         self.acc_all_seeds_off = m["acc_all_seeds_off"]
+        self.acc_committed = m["acc_committed"]
         self.host_params = m["host_params"]
         # oldest first, newest last
         self.loss_history = self.loss_history[1:] + [self.val_loss]

@@ -16,6 +16,7 @@ def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[
         "val_loss": rng.uniform(0.1, 3.0, n_envs),
         "val_acc": acc,
         "acc_all_seeds_off": acc - rng.normal(0.3, 2.0, n_envs),
+        "acc_committed": acc - rng.normal(0.2, 1.0, n_envs),
         "host_params": rng.choice([150.0, 5000.0, 250000.0], n_envs),
         "diverged": np.zeros(n_envs, dtype=bool),
         "acc_without_slot": acc[:, None] - rng.normal(0.5, 2.0, (n_envs, n_slots)),
