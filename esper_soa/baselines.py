@@ -1,8 +1,10 @@
 """Baseline controllers as TensorDict policies that TorchRL collectors can drive.
 
 ``RandomMaskedPolicy`` draws a uniformly random *valid* action (op first, then a slot the op
-allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state.
-Both write ``("action", head)`` for every head and never sync with the host.
+allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state;
+``ScriptedPolicy`` runs ``wait`` or one of the reward-probing controllers of
+:mod:`esper_soa.adversaries`. All write ``("action", head)`` for every head and never sync with
+the host.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
+from esper_soa.adversaries import ADVERSARIES, adversary_config, adversary_step
 from esper_soa.env import MASK_KEYS, EsperEnv
 from esper_soa.heuristic import HeuristicConfig, HeuristicController
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES
+from esper_soa.spec import HEAD_NAMES, Op
 
 ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
+CONTROLLERS = ("random", "heuristic", "wait") + ADVERSARIES
 
 
 class RandomMaskedPolicy(TensorDictModuleBase):
@@ -57,5 +61,32 @@ class HeuristicPolicy(TensorDictModuleBase):
         self.controller.reset(state["epoch"] == 0)
         masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
         for name, value in self.controller.act(state, masks).items():
+            tensordict.set(("action", name), value)
+        return tensordict
+
+
+class ScriptedPolicy(TensorDictModuleBase):
+    """``wait`` (WAIT on the first slot WAIT allows, every step) or one of
+    :data:`esper_soa.adversaries.ADVERSARIES`, as a collector policy reading the engine's state."""
+
+    def __init__(self, env: EsperEnv, name: str) -> None:
+        super().__init__()
+        self.in_keys = [("masks", k) for k in MASK_KEYS]
+        self.out_keys = list(ACTION_KEYS)
+        self.engine = env.engine
+        self.cfg = env.cfg
+        self.acfg = None if name == "wait" else adversary_config(name)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
+        if self.acfg is None:
+            op = masks["op"]
+            zero = torch.zeros(op.shape[0], dtype=torch.int64, device=op.device)
+            action = {h: zero for h in HEAD_NAMES}
+            action["op"] = torch.full_like(zero, int(Op.WAIT))
+            action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
+        else:
+            action = adversary_step(self.engine.state.to_dict(), masks, self.acfg, self.cfg)
+        for name, value in action.items():
             tensordict.set(("action", name), value)
         return tensordict

@@ -10,20 +10,27 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
 from torchrl.envs import Compose, RewardSum, Transform, TransformedEnv
 
-from esper_soa.config import EngineConfig
+from esper_soa.config import REWARD_MODES, EngineConfig
 from esper_soa.env import EsperEnv
 from esper_soa.spec import Op, Stage
 
 
+EPISODE_METRICS = ("return", "final_accuracy", "j_final", "committed_accuracy", "fossils")
+
+
 @dataclass
 class RolloutStats:
+    """Finished episodes' means. ``j_final`` is the real objective (SPEC §12b: committed accuracy
+    gain over the host alone minus fossil params / 50,000, in pp); ``samples`` keeps the
+    per-episode values of :data:`EPISODE_METRICS` so pooled means and standard errors are exact."""
+
     frames: int
     seconds: float
     mean_return: float
@@ -31,10 +38,36 @@ class RolloutStats:
     mean_final_accuracy: float
     fossils_per_episode: float
     op_counts: dict[str, int]
+    j_final: float = float("nan")
+    committed_accuracy: float = float("nan")
+    samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def frames_per_second(self) -> float:
         return self.frames / max(self.seconds, 1e-9)
+
+    def se(self, name: str) -> float:
+        """Standard error of the mean of one of :data:`EPISODE_METRICS` over the episodes."""
+        x = self.samples.get(name)
+        if x is None or x.numel() < 2:
+            return float("nan")
+        return float(x.double().std() / x.numel() ** 0.5)
+
+
+def stats_from_samples(
+    samples: dict[str, torch.Tensor], frames: int, seconds: float, op_counts: dict[str, int]
+) -> RolloutStats:
+    """Means of the per-episode ``samples`` (NaN when no episode finished)."""
+
+    def mean(name: str) -> float:
+        x = samples[name]
+        return float(x.double().mean()) if x.numel() else float("nan")
+
+    return RolloutStats(
+        frames=frames, seconds=seconds, mean_return=mean("return"), episodes=samples["return"].numel(),
+        mean_final_accuracy=mean("final_accuracy"), fossils_per_episode=mean("fossils"), op_counts=op_counts,
+        j_final=mean("j_final"), committed_accuracy=mean("committed_accuracy"), samples=samples,
+    )
 
 
 def final_stats(observation: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,35 +96,25 @@ def run_collector(
         total_frames=total_frames,
         auto_register_policy_transforms=False,
     )
-    returns, accuracies, fossils = [], [], []
+    per_episode: dict[str, list[torch.Tensor]] = {k: [] for k in EPISODE_METRICS}
     op_counts = torch.zeros(len(Op), dtype=torch.int64)
     frames = 0
     start = time.perf_counter()
     for batch in collector:
         frames += batch.numel()
         done = batch["next", "done"].squeeze(-1)
-        returns.append(batch["next", "episode_reward"].squeeze(-1)[done])
-        accuracy, fossil_count = final_stats(batch["next", "observation"][done], env.cfg.n_slots)
-        accuracies.append(accuracy)
-        fossils.append(fossil_count)
+        nxt = batch["next"]
+        accuracy, fossil_count = final_stats(nxt["observation"][done], env.cfg.n_slots)
+        for name, value in zip(EPISODE_METRICS, (
+            nxt["episode_reward"].squeeze(-1)[done], accuracy, nxt["committed_gain"][done],
+            nxt["acc_committed"][done], fossil_count,
+        )):
+            per_episode[name].append(value.cpu())
         op_counts += torch.bincount(batch["action", "op"].flatten().cpu(), minlength=len(Op))
     seconds = time.perf_counter() - start
     collector.shutdown()
-    returns_t, acc_t, fossils_t = torch.cat(returns), torch.cat(accuracies), torch.cat(fossils)
-    n = returns_t.numel()
-
-    def mean(x: torch.Tensor) -> float:
-        return float(x.mean()) if x.numel() else float("nan")
-
-    return RolloutStats(
-        frames=frames,
-        seconds=seconds,
-        mean_return=mean(returns_t),
-        episodes=n,
-        mean_final_accuracy=mean(acc_t),
-        fossils_per_episode=mean(fossils_t),
-        op_counts={op.name: int(c) for op, c in zip(Op, op_counts)},
-    )
+    samples = {k: torch.cat(v) if v else torch.zeros(0) for k, v in per_episode.items()}
+    return stats_from_samples(samples, frames, seconds, {op.name: int(c) for op, c in zip(Op, op_counts)})
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -115,7 +138,7 @@ def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epoc
     parser.add_argument("--topology", default="cnn", choices=["cnn", "transformer"])
     parser.add_argument("--max-epochs", type=int, default=max_epochs)
     parser.add_argument("--gate-mode", default="permissive", choices=["permissive", "strict"])
-    parser.add_argument("--reward-mode", default="shaped", choices=["shaped", "sparse", "minimal", "simplified"])
+    parser.add_argument("--reward-mode", default="committed", choices=list(REWARD_MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
@@ -125,17 +148,44 @@ def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epoc
 def format_stats(name: str, stats: RolloutStats) -> str:
     return (
         f"{name:10s} frames={stats.frames:>8d}  {stats.frames_per_second:>11,.0f} frames/s  "
-        f"episodes={stats.episodes:>5d}  return={stats.mean_return:8.3f}  "
-        f"final acc={stats.mean_final_accuracy:6.2f}%  fossils/ep={stats.fossils_per_episode:5.2f}"
+        f"episodes={stats.episodes:>5d}  return={stats.mean_return:8.3f}  J={stats.j_final:6.3f}  "
+        f"final acc={stats.mean_final_accuracy:6.2f}%  committed acc={stats.committed_accuracy:6.2f}%  "
+        f"fossils/ep={stats.fossils_per_episode:5.2f}"
     )
 
 
-def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStats:
-    """``episodes`` episodes per env of the ``random`` or ``heuristic`` controller via Collector."""
-    from esper_soa.baselines import HeuristicPolicy, RandomMaskedPolicy
+def format_table(rows: Sequence[tuple[str, RolloutStats]]) -> str:
+    """Evaluation table: mean return and J_final (the real objective), committed and final
+    accuracy, fossils per episode, each mean with its standard error."""
+    def cell(stats: RolloutStats, value: float, name: str, width: int, digits: int) -> str:
+        return f"{value:{width}.{digits}f} ±{stats.se(name):<6.{digits}f}"
 
+    lines = [f"{'controller':15s} {'mean return':>17s} {'J_final (pp)':>16s} {'committed acc %':>16s} "
+             f"{'final acc %':>16s} {'fossils/ep':>15s} {'episodes':>9s}"]
+    for name, s in rows:
+        lines.append(
+            f"{name:15s} {cell(s, s.mean_return, 'return', 9, 2)} {cell(s, s.j_final, 'j_final', 8, 3)} "
+            f"{cell(s, s.committed_accuracy, 'committed_accuracy', 8, 2)} "
+            f"{cell(s, s.mean_final_accuracy, 'final_accuracy', 8, 2)} {cell(s, s.fossils_per_episode, 'fossils', 7, 2)} "
+            f"{s.episodes:9d}"
+        )
+    return "\n".join(lines)
+
+
+def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStats:
+    """``episodes`` episodes per env of a scripted controller (``random``, ``heuristic``, ``wait``
+    or an adversary, :data:`esper_soa.baselines.CONTROLLERS`) via Collector."""
+    from esper_soa.baselines import CONTROLLERS, HeuristicPolicy, RandomMaskedPolicy, ScriptedPolicy
+
+    if name not in CONTROLLERS:
+        raise ValueError(f"controller: expected one of {CONTROLLERS}, got {name!r}")
     env = EsperEnv(cfg)
-    policy = RandomMaskedPolicy(cfg.seed, cfg.device) if name == "random" else HeuristicPolicy(env)
+    if name == "random":
+        policy = RandomMaskedPolicy(cfg.seed, cfg.device)
+    elif name == "heuristic":
+        policy = HeuristicPolicy(env)
+    else:
+        policy = ScriptedPolicy(env, name)
     frames = cfg.n_envs * cfg.max_epochs
     return run_collector(env, policy, frames, frames * episodes)
 
@@ -196,10 +246,7 @@ def train_command(args: argparse.Namespace) -> None:
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
     print(f"held-out env seeds {seeds} x {args.eval_envs} envs, {engine.max_epochs}-epoch episodes, "
           f"{engine.reward_mode} reward:")
-    print(f"{'controller':15s} {'mean return':>12s} {'final acc %':>12s} {'fossils/ep':>11s} {'episodes':>9s}")
-    for name, stats in rows:
-        print(f"{name:15s} {stats.mean_return:12.3f} {stats.mean_final_accuracy:12.2f} "
-              f"{stats.fossils_per_episode:11.3f} {stats.episodes:9d}")
+    print(format_table(rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import torch
 from esper_soa.spec import OBS_BASE, OBS_SLOT, TOPOLOGY_BLUEPRINTS
 
 GATE_MODES = ("permissive", "strict")
-REWARD_MODES = ("shaped", "sparse", "minimal", "simplified")
+REWARD_MODES = ("committed", "shaped", "sparse", "minimal", "simplified")
 MAX_SLOTS = 16
 
 
@@ -34,7 +34,7 @@ class EngineConfig:
     auto_forward_g3: bool = False
     max_seeds: int = 0
     enabled_slots: tuple[bool, ...] | None = None
-    reward_mode: str = "shaped"
+    reward_mode: str = "committed"
     seed: int = 0
     device: str | torch.device = "cpu"
     dynamics: str = "surrogate"

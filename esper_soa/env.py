@@ -99,6 +99,10 @@ class EsperEnv(EnvBase):
         self.observation_spec = Composite(
             observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
             blueprint_index=Bounded(EMPTY_BLUEPRINT_INDEX, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
+            # the real objective, for evaluation (policies do not read them): J in pp and the
+            # committed accuracy (non-fossil seeds off) of the state just reached
+            committed_gain=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
+            acc_committed=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
             masks=Composite(
                 {k: Binary(n=masks[k].shape[-1], shape=masks[k].shape, dtype=torch.bool, device=dev) for k in MASK_KEYS},
                 shape=(e,),
@@ -127,6 +131,8 @@ class EsperEnv(EnvBase):
             {
                 "observation": out["observation"],
                 "blueprint_index": out["blueprint_index"],
+                "committed_gain": out["committed_gain"],
+                "acc_committed": out["acc_committed"],
                 "masks": TensorDict({k: out[f"mask_{k}"] for k in MASK_KEYS}, batch_size=self.batch_size),
                 "reward": out["reward"],
                 **{k: out[k] for k in DONE_KEYS},

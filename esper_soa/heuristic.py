@@ -199,6 +199,23 @@ def _first(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.int64).argmax(dim=1)
 
 
+def allowed_or_wait(action: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``action["op"]`` where the masks allow the whole action (the op on its slot, GERMINATE's and
+    PRUNE's heads), WAIT elsewhere: scripted controllers never emit a masked action."""
+    op, slot = action["op"], action["slot"]
+    slot_by_op = masks["slot_by_op"]
+    n_envs, _, n_slots = slot_by_op.shape
+    row = slot_by_op.gather(1, op[:, None, None].expand(n_envs, 1, n_slots)).squeeze(1)
+    allowed = _at(row, slot) & _at(masks["op"], op)
+    is_germinate = op == int(Op.GERMINATE)
+    is_prune = op == int(Op.PRUNE)
+    for name in ("blueprint", "style", "tempo", "alpha_target"):
+        allowed = allowed & (~is_germinate | _at(masks[name], action[name]))
+    for name in ("alpha_speed", "alpha_curve"):
+        allowed = allowed & (~is_prune | _at(masks[name], action[name]))
+    return torch.where(allowed, op, torch.full_like(op, int(Op.WAIT)))
+
+
 def next_blueprint(
     memory: Memory, penalty: torch.Tensor, rotation: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,15 +313,7 @@ def heuristic_step(
         "alpha_speed": const(hcfg.prune_alpha_speed),
         "alpha_curve": const(hcfg.prune_alpha_curve),
     }
-    row = slot_by_op.gather(1, op[:, None, None].expand(n_envs, 1, n_slots)).squeeze(1)
-    allowed = _at(row, slot) & _at(masks["op"], op)
-    is_germinate = op == int(Op.GERMINATE)
-    is_prune = op == int(Op.PRUNE)
-    for name in ("blueprint", "style", "tempo", "alpha_target"):
-        allowed = allowed & (~is_germinate | _at(masks[name], action[name]))
-    for name in ("alpha_speed", "alpha_curve"):
-        allowed = allowed & (~is_prune | _at(masks[name], action[name]))
-    op = torch.where(allowed, op, wait)
+    op = allowed_or_wait(action, masks)
     action["op"] = op
     action["slot"] = torch.where(op == int(Op.WAIT), _first(slot_by_op[:, int(Op.WAIT), :]), slot)
 

@@ -328,7 +328,7 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     st, sl = copy_state(state)
     metrics = {**metrics, **_slot_major_metrics(metrics)}
     val_acc = metrics["val_acc"]
-    for name in ("val_loss", "val_acc", "acc_all_seeds_off", "host_params"):
+    for name in ("val_loss", "val_acc", "acc_all_seeds_off", "acc_committed", "host_params"):
         st[name] = metrics[name].to(st[name].dtype)
     st["loss_history"] = torch.cat([st["loss_history"][:, 1:], metrics["val_loss"][:, None]], dim=1)
     st["acc_history"] = torch.cat([st["acc_history"][:, 1:], val_acc[:, None]], dim=1)

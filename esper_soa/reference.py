@@ -79,7 +79,7 @@ _ENV_NEUTRAL = {name: _PY_TYPE[dt](v) for name, (dt, v, _shape) in ENV_FIELDS.it
 _HISTORY_FIELDS = ("loss_history", "acc_history")
 
 _N_OPS = len(Op)
-_METRIC_ENV = ("val_loss", "val_acc", "acc_all_seeds_off", "host_params")
+_METRIC_ENV = ("val_loss", "val_acc", "acc_all_seeds_off", "acc_committed", "host_params")
 _METRIC_SLOT_FLOATS = ("acc_without_slot", "interaction_sum", "gradient_norm", "gradient_health", "gradient_ratio")
 _METRIC_SLOT_BOOLS = ("has_vanishing", "has_exploding")
 
@@ -105,6 +105,9 @@ PARAMS_FLOOR = 200.0  # max(H, 200)
 SHOCK_COEF = 0.1958
 FOSSIL_BONUS = 0.9645
 SPARSE_PARAM_SCALE = 5e5
+COMMIT_WEIGHT = 20.0  # W of COMMITTED (SPEC §12b)
+FOSSIL_PARAM_PRICE = 50_000.0  # J: 1 pp per 50,000 fossil parameters
+OCCUPYING_STAGES = PRUNABLE_STAGES + (Stage.EMBARGOED, Stage.RESETTING)  # capacity term (h)
 
 
 def _f32(x: float) -> float:
@@ -238,6 +241,7 @@ class RefEnv:
         self.val_loss = m["val_loss"]
         self.val_acc = m["val_acc"]
         self.acc_all_seeds_off = m["acc_all_seeds_off"]
+        self.acc_committed = m["acc_committed"]
         self.host_params = m["host_params"]
         # oldest first, newest last
         self.loss_history = self.loss_history[1:] + [self.val_loss]
@@ -564,6 +568,9 @@ class ReferenceEngine:
             self.tick_env(env)  # 3.
             env.epoch += 1  # 4.
             env.record_epoch(metric_rows[i])  # 5.
+            settled = self.settlement(env, env.epoch >= self.cfg.max_epochs)
+            rewards[i] += settled
+            env.episode_return += settled
             executed[i] = op
             success[i] = env.last_action_success
         return {"executed_op": executed, "success": success, "reward": rewards}
@@ -578,10 +585,13 @@ class ReferenceEngine:
         return out
 
     def env_reward(self, env: RefEnv, op: int, s: int) -> float:
-        """Reward of one env for the executed op on target slot ``s`` (-1 = no target)."""
+        """Reward of one env for the executed op on target slot ``s`` (-1 = no target), from the
+        pre-action state (COMMITTED adds :meth:`settlement` once the step is done)."""
         mode = self.cfg.reward_mode
         if mode == "shaped":
             return self.shaped_reward(env, op, s)
+        if mode == "committed":
+            return self.shaped_reward(env, op, s, committed=True)
         if mode == "sparse":
             return self.sparse_reward(env)
         if mode == "minimal":
@@ -607,56 +617,99 @@ class ReferenceEngine:
             phi_prev = phi(slot.stage, e - 1)
         return PBRS_WEIGHT * (GAMMA * phi(slot.stage, e) - phi_prev)
 
-    def shaped_reward(self, env: RefEnv, op: int, s: int) -> float:
-        """SHAPED mode: terms (a)-(j) of SPEC §12 as pinned down by SEMANTICS."""
+    def credit(self, env: RefEnv, slot: RefSlot) -> tuple[float, float, float]:
+        """(attribution A, ratio penalty, synergy if earned) of one seed with a fresh c, as SHAPED
+        pays it for a target (before the FOSSILIZE/PRUNE adjustments)."""
+        acc = env.val_acc
+        I_ = acc - env.acc_committed
+        c = slot.contribution
+        p = acc - slot.germination_val_acc
+        d = _sigmoid(3.0 * I_) if I_ < 0 else 1.0
+        if c < 0:
+            A = c  # a harmful seed's c is paid as is: no d, no tau
+        else:
+            if p <= 0:
+                A = 0.0
+            elif c >= p:
+                A = 2.0 * p * c / (p + c)
+            else:
+                A = c
+            A *= d * timing_discount(env.epoch + 1 - slot.seed_age)  # the original's 1-based epoch
+        rp = 0.0
+        if c > 1.0 and d >= 0.5:
+            if I_ > 0.1 and c / I_ > 5.0:
+                rp = -min(0.3, 0.1 * (c / I_ - 5.0) / 5.0)
+            elif I_ <= 0.1:
+                rp = -0.3 * min(1.0, c / 10.0)
+        syn = 0.1 * math.tanh(0.5 * slot.interaction_sum) if slot.interaction_sum > 0 and d >= 0.5 else 0.0
+        return A, rp, syn
+
+    def escrow(self, env: RefEnv) -> float:
+        """COMMITTED's Psi: the credit of every BLENDING/HOLDING seed with a fresh c >= 0."""
+        total = 0.0
+        for slot in env.slots:
+            fresh = slot.contribution_measured and slot.epochs_since_measurement == 0
+            if slot.stage in (Stage.BLENDING, Stage.HOLDING) and fresh and slot.contribution >= 0:
+                A, rp, syn = self.credit(env, slot)
+                total += max(0.0, A + rp) + (syn if A + rp > 0 else 0.0)
+        return total
+
+    def committed_gain(self, env: RefEnv) -> float:
+        """J: committed accuracy over the host alone, minus 1 pp per 50,000 fossil parameters."""
+        fossil_params = sum(slot.seed_params for slot in env.slots if slot.stage == Stage.FOSSILIZED)
+        return env.acc_committed - env.acc_all_seeds_off - fossil_params / FOSSIL_PARAM_PRICE
+
+    def settlement(self, env: RefEnv, done: bool) -> float:
+        """COMMITTED's post-step half: gamma Psi(next) (0 at the end) + W J(next)."""
+        if self.cfg.reward_mode != "committed":
+            return 0.0
+        return (0.0 if done else GAMMA * self.escrow(env)) + COMMIT_WEIGHT * self.committed_gain(env)
+
+    def shaped_reward(self, env: RefEnv, op: int, s: int, committed: bool = False) -> float:
+        """SHAPED mode: terms (a)-(j) of SPEC §12 as pinned down by SEMANTICS; with ``committed``
+        the pre-action part of COMMITTED (SPEC §12b)."""
         acc = env.val_acc
         H = env.host_params
         T = env.slots[s] if s >= 0 else None
-        I_ = acc - env.acc_all_seeds_off
+        I_ = acc - env.acc_committed
+        last = self.is_last_step(env)
         r = 0.0
 
         # c, and the attribution A of the target seed: terms (a), (b), (c), (e)
         c_known = False
         c = 0.0
-        A = 0.0
         if T is not None and T.stage in PRUNABLE_STAGES:
             c_known = T.contribution_measured and T.epochs_since_measurement == 0
             c = T.contribution
-            p = acc - T.germination_val_acc
             e = T.epochs_in_stage
-            d = _sigmoid(3.0 * I_) if I_ < 0 else 1.0
+            A, rp, syn = 0.0, 0.0, 0.0
             if c_known:
-                if c < 0:
-                    A = c
-                elif p <= 0:
-                    A = 0.0
-                elif c >= p:
-                    A = 2.0 * p * c / (p + c)
-                else:
-                    A = c
-                A *= d * timing_discount(T.germination_epoch)
+                A, rp, syn = self.credit(env, T)
+                if committed and c >= 0:  # held in escrow instead
+                    A, rp, syn = 0.0, 0.0, 0.0
             elif T.stage in (Stage.BLENDING, Stage.HOLDING):
-                A = 0.3 * (acc - T.accuracy_at_stage_start)
+                A = 0.3 * max(0.0, acc - T.accuracy_at_stage_start)
+                # no fresh c: the original computes no discount d, so synergy only needs A > 0
+                syn = 0.1 * math.tanh(0.5 * T.interaction_sum) if T.interaction_sum > 0 else 0.0
             if op == Op.FOSSILIZE and I_ < 0:
                 A = 0.0
             if op == Op.PRUNE:
                 A = -A
-            r += A
-            # (a) ratio penalty: a contribution far larger than the total improvement is suspicious
-            if c_known and c > 1.0 and d >= 0.5:
-                if I_ > 0.1 and c / I_ > 5.0:
-                    r -= min(0.3, 0.1 * (c / I_ - 5.0) / 5.0)
-                elif I_ <= 0.1:
-                    r -= 0.3 * min(1.0, c / 10.0)
-            # (b) blending a seed while the seeds together hurt the host
+            bounded = A + rp  # the ratio penalty stays a penalty for PRUNE
+            r += bounded
+            # (b) blending a seed while the uncommitted seeds together hurt the host
             if T.stage == Stage.BLENDING and I_ < 0:
                 r += -0.1 - min(0.05 * e, 0.3)
-            # (c) holding a useful seed without deciding
-            if T.stage == Stage.HOLDING and op not in (Op.FOSSILIZE, Op.PRUNE) and e >= 2 and A > 0:
+            # (c) holding a useful seed without deciding (COMMITTED: on the credit SHAPED would pay)
+            held = bounded
+            if committed and c_known and c >= 0:
+                A2, rp2, _ = self.credit(env, T)
+                held = A2 + rp2
+            if T.stage == Stage.HOLDING and op not in (Op.FOSSILIZE, Op.PRUNE) and e >= 2 and held > 0:
                 r -= min(0.1 + 0.05 * max(0, e - 2), 0.3)
-            # (e) synergy
-            if A > 0:
-                r += 0.1 * math.tanh(0.5 * T.interaction_sum)
+            # (e) synergy (COMMITTED: part of the escrowed credit only)
+            if bounded > 0 and not committed:
+                r += syn
 
         # (d) PBRS
         r += self.pbrs(T)
@@ -674,8 +727,8 @@ class ReferenceEngine:
         shock = sum((slot.alpha - slot.previous_alpha) ** 2 * slot.seed_params for slot in env.slots)
         r -= min(SHOCK_COEF * shock / H_floor, 1.0)
 
-        # (h) capacity
-        n_active = sum(1 for slot in env.slots if slot.stage in PRUNABLE_STAGES)
+        # (h) capacity: every seed the original still holds, PRUNED ones excepted
+        n_active = sum(1 for slot in env.slots if slot.stage in OCCUPYING_STAGES)
         n_fossil = sum(1 for slot in env.slots if slot.stage == Stage.FOSSILIZED)
         r -= 0.01 * max(0, n_active + n_fossil - 1) + 0.002 * n_fossil
 
@@ -683,17 +736,20 @@ class ReferenceEngine:
         r += self.op_shaping(env, op, T, c_known, c, I_)
 
         # (j) terminal
-        if self.is_last_step(env):
-            r += 0.05 * acc
+        if last:
+            r += 0.0 if committed else 0.05 * acc
             for slot in env.slots:
                 if slot.stage in (Stage.GERMINATED, Stage.TRAINING):
                     r -= 0.3 * GAMMA / GAMMA**slot.seed_age
+        if committed:
+            r -= self.escrow(env) + COMMIT_WEIGHT * self.committed_gain(env)
         return r
 
     def op_shaping(self, env: RefEnv, op: int, T: RefSlot | None, c_known: bool, c: float, I_: float) -> float:
         """(i) per-op shaping, fees included."""
         if op == Op.GERMINATE:
-            return 0.3 * GAMMA * timing_discount(env.epoch) - 0.15
+            bonus = 0.0 if self.is_last_step(env) else 0.3 * GAMMA * timing_discount(env.epoch + 1)
+            return bonus - 0.15
         if op == Op.FOSSILIZE:
             e = T.epochs_in_stage
             ramp = min(1.0, e / 5.0)
@@ -701,13 +757,15 @@ class ReferenceEngine:
                 r = (0.5 + 0.1 * c) * ramp + FOSSIL_BONUS * ramp if c_known and c >= 1.0 else -0.2
             else:
                 r = -0.5 - min(0.2 * abs(I_), 1.0)
+                if c_known and c > 0.1 and I_ < -0.2:  # the original's "ransomware" signature
+                    r -= 0.3
             return r - 0.01
         if op == Op.PRUNE:
             r = -0.3 * phi(T.stage, T.epochs_in_stage)  # PBRS exit
             age = T.seed_age
             if age < MIN_PRUNE_AGE:
-                r -= 0.3 * (MIN_PRUNE_AGE - age)
-            if c_known:
+                r -= 0.3 * (MIN_PRUNE_AGE - age)  # and nothing else (the original returns here)
+            elif c_known:
                 if c < -0.5:
                     r += -0.1 if age < 3 else 0.15
                 elif c < 0:
@@ -726,7 +784,7 @@ class ReferenceEngine:
         if not self.is_last_step(env):
             return 0.0
         fossil_params = sum(slot.seed_params for slot in env.slots if slot.stage == Stage.FOSSILIZED)
-        return _clamp(env.val_acc / 100.0 - 0.1 * fossil_params / SPARSE_PARAM_SCALE, -1.0, 1.0)
+        return _clamp(env.acc_committed / 100.0 - 0.1 * fossil_params / SPARSE_PARAM_SCALE, -1.0, 1.0)
 
     def simplified_reward(self, env: RefEnv, op: int, s: int) -> float:
         """SIMPLIFIED: PBRS, a fee per non-WAIT op, final accuracy and useful fossils."""

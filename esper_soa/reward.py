@@ -3,6 +3,10 @@
 ``reward_terms`` returns every SHAPED term separately (so tests and logs can see which term
 paid what); ``compute_reward`` picks the configured mode. All terms are evaluated for every env
 and selected with ``torch.where``; see ``docs/SEMANTICS.md`` ("Reward") for the exact reading.
+
+COMMITTED (SPEC §12b, the default) pays two differences of the state, escrowed credit
+``gamma Psi' - Psi`` and committed gain ``W (J' - J)``: ``compute_reward`` pays the ``-Psi - W J``
+half from the pre-action state and :func:`settlement` the other half from the post-step state.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ PHI_BASE = {Stage.GERMINATED: 1.0, Stage.TRAINING: 2.0, Stage.BLENDING: 3.5, Sta
 PBRS_WEIGHT = 0.3
 RENT_HOST_SHARE = 0.0039
 SHOCK_COEF = 0.1958
+COMMIT_WEIGHT = 20.0  # W: COMMITTED pays 20 per pp of committed gain J
+FOSSIL_PARAM_PRICE = 50_000.0  # J charges 1 pp per 50,000 fossilized parameters
+# seeds that occupy a slot for the capacity term: every seed the original still holds a state for
+# except FOSSILIZED (counted apart) and PRUNED ("Tamiyo already decided their fate")
+OCCUPYING_STAGES = PRUNABLE_STAGES + (Stage.EMBARGOED, Stage.RESETTING)
 SHAPED_TERMS = (
     "attribution",
     "ratio_penalty",
@@ -35,7 +44,8 @@ SHAPED_TERMS = (
 
 
 def tau(g: torch.Tensor) -> torch.Tensor:
-    """Timing discount for seeds germinated in the first 10 epochs."""
+    """Timing discount for seeds germinated in the first 10 epochs (``g`` is 1-based, as the
+    original's epoch counter: our pre-action ``epoch`` + 1)."""
     g = g.to(torch.float32)
     return torch.where(g >= 10, torch.ones_like(g), 0.4 + 0.06 * g)
 
@@ -49,6 +59,64 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+def slot_credit(state: State) -> dict[str, torch.Tensor]:
+    """Per-slot ``[E, S]`` pieces of term (a)/(e), computed for every slot at once: SHAPED reads
+    them at the target slot, COMMITTED's escrow sums them over the BLENDING/HOLDING slots.
+
+    ``measured``: c < 0 -> c (no d, no tau); c >= 0 -> ``positive`` (bounded, times d and tau).
+    ``ratio_penalty`` (<= 0) applies to a fresh c > 1 when d >= 0.5; ``synergy`` is the bonus a
+    slot earns when its attribution (ratio penalty included) is positive.
+    """
+    sl = state["slots"]
+    f = torch.float32
+    acc = state["val_acc"][:, None]
+    imp = acc - state["acc_committed"][:, None]  # I: fossils stay on
+    c = sl["contribution"]
+    c_known = (sl["contribution_measured"] != 0) & (sl["epochs_since_measurement"] == 0)
+    p = acc - sl["germination_val_acc"]
+    d = torch.where(imp < 0, torch.sigmoid(3 * imp), torch.ones_like(imp)).expand_as(c)
+    g = state["epoch"][:, None] + 1 - sl["seed_age"].to(state["epoch"].dtype)  # original: epoch - epochs_total
+    harmonic = 2 * p * c / torch.where((p + c) > 0, p + c, torch.ones_like(c))
+    bounded = torch.where(p <= 0, _zero(c), torch.where(c >= p, harmonic, c))
+    positive = bounded * d * tau(g)
+    safe_imp = torch.where(imp > 0.1, imp, torch.ones_like(imp))
+    ratio = c / safe_imp
+    penalty = torch.where(
+        imp > 0.1,
+        torch.where(ratio > 5, -(0.1 * (ratio - 5) / 5).clamp(max=0.3), _zero(c)),
+        -0.3 * (c / 10).clamp(max=1.0),
+    )
+    ratio_penalty = torch.where(c_known & (c > 1) & (d >= 0.5), penalty, _zero(c))
+    inter = sl["interaction_sum"]
+    synergy = torch.where(inter > 0, 0.1 * torch.tanh(0.5 * inter), _zero(inter))
+    stage = sl["stage"]
+    blended = stage_in(stage, (Stage.BLENDING, Stage.HOLDING))
+    proxy = torch.where(blended, 0.3 * (acc - sl["accuracy_at_stage_start"]).clamp(min=0.0), _zero(c))
+    return {
+        "c": c, "c_known": c_known, "d": d, "measured": torch.where(c < 0, c, positive),
+        "positive": positive, "ratio_penalty": ratio_penalty, "synergy": synergy, "proxy": proxy,
+        "escrowed": blended & c_known & (c >= 0), "imp": imp.squeeze(1).to(f),
+    }
+
+
+def escrow(state: State, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """COMMITTED's potential Psi ``[E]``: the credit each BLENDING/HOLDING seed with a fresh c >= 0
+    would earn per step under SHAPED, held in escrow instead of paid (SPEC §12b (a'))."""
+    parts = slot_credit(state) if parts is None else parts
+    base = parts["positive"] + parts["ratio_penalty"]
+    synergy = torch.where((parts["d"] >= 0.5) & (base > 0), parts["synergy"], _zero(base))
+    credit = torch.where(parts["escrowed"], base.clamp(min=0.0) + synergy, _zero(base))
+    return credit.sum(1)
+
+
+def committed_gain(state: State) -> torch.Tensor:
+    """J ``[E]`` in pp: committed accuracy over the host alone minus the fossils' parameter price."""
+    sl = state["slots"]
+    fossil = (sl["stage"] == int(Stage.FOSSILIZED)).to(torch.float32)
+    fossil_params = (fossil * sl["seed_params"]).sum(1)
+    return state["acc_committed"] - state["acc_all_seeds_off"] - fossil_params / FOSSIL_PARAM_PRICE
+
+
 def reward_terms(
     state: State, action: dict[str, torch.Tensor], op: torch.Tensor, cfg: EngineConfig
 ) -> dict[str, torch.Tensor]:
@@ -60,38 +128,26 @@ def reward_terms(
     in_range = (slot >= 0) & (slot < n_slots)
     idx = slot.clamp(0, n_slots - 1)[:, None]
     t = {k: v.gather(1, idx).squeeze(1) for k, v in sl.items()}
+    parts = slot_credit(state)
+    at = {k: v.gather(1, idx).squeeze(1) for k, v in parts.items() if k != "imp"}
     stage = t["stage"]
     has_target = in_range & stage_in(stage, PRUNABLE_STAGES)
     acc = state["val_acc"]
     h = state["host_params"]
-    imp = acc - state["acc_all_seeds_off"]  # I
-    c_known = (t["contribution_measured"] != 0) & (t["epochs_since_measurement"] == 0)
-    c = t["contribution"]
-    p = acc - t["germination_val_acc"]
+    imp = parts["imp"]  # I
+    c_known, c, d = at["c_known"], at["c"], at["d"]
     e = t["epochs_in_stage"].to(f)
     age = t["seed_age"].to(f)
     is_op = {o: op == int(o) for o in OPS}
+    last = state["epoch"] == cfg.max_epochs - 1
 
-    # (a) bounded attribution + ratio penalty
-    harmonic = 2 * p * c / torch.where((p + c) > 0, p + c, torch.ones_like(c))
-    positive = torch.where(p <= 0, _zero(c), torch.where(c >= p, harmonic, c))
-    d = torch.where(imp < 0, torch.sigmoid(3 * imp), torch.ones_like(imp))
-    measured = torch.where(c < 0, c, positive) * d * tau(t["germination_epoch"])
-    proxy = torch.where(
-        stage_in(stage, (Stage.BLENDING, Stage.HOLDING)), 0.3 * (acc - t["accuracy_at_stage_start"]), _zero(acc)
-    )
-    attribution = torch.where(c_known, measured, proxy)
+    # (a) bounded attribution (negated for PRUNE) + ratio penalty (a penalty after the negation)
+    attribution = torch.where(c_known, at["measured"], at["proxy"])
     attribution = torch.where(is_op[Op.FOSSILIZE] & (imp < 0), _zero(attribution), attribution)
     attribution = torch.where(is_op[Op.PRUNE], -attribution, attribution)
     attribution = torch.where(has_target, attribution, _zero(attribution))
-    safe_imp = torch.where(imp > 0.1, imp, torch.ones_like(imp))
-    ratio = c / safe_imp
-    ratio_penalty = torch.where(
-        imp > 0.1,
-        torch.where(ratio > 5, -(0.1 * (ratio - 5) / 5).clamp(max=0.3), _zero(c)),
-        -0.3 * (c / 10).clamp(max=1.0),
-    )
-    ratio_penalty = torch.where(has_target & c_known & (c > 1) & (d >= 0.5), ratio_penalty, _zero(c))
+    ratio_penalty = torch.where(has_target, at["ratio_penalty"], _zero(c))
+    bounded = attribution + ratio_penalty  # the original's bounded_attribution
 
     # (b), (c) stage warnings
     blending_warning = torch.where(
@@ -103,7 +159,7 @@ def reward_terms(
         & ~is_op[Op.FOSSILIZE]
         & ~is_op[Op.PRUNE]
         & (e >= 2)
-        & (attribution > 0),
+        & (bounded > 0),
         -(0.1 + 0.05 * (e - 2).clamp(min=0)).clamp(max=0.3),
         _zero(e),
     )
@@ -119,8 +175,8 @@ def reward_terms(
         in_range & stage_in(stage, LIVE_STAGES), PBRS_WEIGHT * (GAMMA * phi - phi_prev), _zero(phi)
     )
 
-    # (e) synergy
-    synergy = torch.where(has_target & (attribution > 0), 0.1 * torch.tanh(0.5 * t["interaction_sum"]), _zero(e))
+    # (e) synergy; without a fresh c the original computes no discount d (it stays 1)
+    synergy = torch.where(has_target & (~c_known | (d >= 0.5)) & (bounded > 0), at["synergy"], _zero(e))
 
     # (f) rent, (g) alpha shock, (h) capacity: env-wide
     all_stage = sl["stage"]
@@ -130,25 +186,30 @@ def reward_terms(
     rent = -(0.5 * torch.log1p(eff / h_floor)).clamp(max=1.5)
     jump = ((sl["alpha"] - sl["previous_alpha"]) ** 2 * sl["seed_params"]).sum(1)
     alpha_shock = -(SHOCK_COEF * jump / h_floor).clamp(max=1.0)
-    n_active = stage_in(all_stage, PRUNABLE_STAGES).sum(1).to(f)
+    n_active = stage_in(all_stage, OCCUPYING_STAGES).sum(1).to(f)
     n_fossil = (all_stage == int(Stage.FOSSILIZED)).sum(1).to(f)
     capacity = -0.01 * (n_active + n_fossil - 1).clamp(min=0) - 0.002 * n_fossil
 
     # (i) op shaping
     ramp = (e / 5).clamp(max=1.0)
+    ransom = torch.where(c_known & (c > 0.1) & (imp < -0.2), torch.full_like(c, -0.3), _zero(c))
     fossilize = torch.where(
         imp >= 0,
         torch.where(c_known & (c >= 1), (0.5 + 0.1 * c) * ramp + 0.9645 * ramp, torch.full_like(c, -0.2)),
-        -0.5 - (0.2 * imp.abs()).clamp(max=1.0),
+        -0.5 - (0.2 * imp.abs()).clamp(max=1.0) + ransom,
     ) - 0.01
-    young = torch.where(age < MIN_PRUNE_AGE, -0.3 * (MIN_PRUNE_AGE - age), _zero(age))
     by_contribution = torch.where(
         c < -0.5,
         torch.where(age < 3, torch.full_like(c, -0.1), torch.full_like(c, 0.15)),
         torch.where(c < 0, torch.full_like(c, 0.1), (-0.3 - 0.05 * c).clamp(min=-0.9)),
     )
-    prune = -PBRS_WEIGHT * phi + young + torch.where(c_known, by_contribution, _zero(c)) - 0.005
-    germinate = 0.3 * GAMMA * tau(state["epoch"]) - 0.15
+    after_age = torch.where(
+        age < MIN_PRUNE_AGE,
+        -0.3 * (MIN_PRUNE_AGE - age),
+        torch.where(c_known, by_contribution, _zero(c)),
+    )
+    prune = -PBRS_WEIGHT * phi + after_age - 0.005
+    germinate = torch.where(last, _zero(acc), 0.3 * GAMMA * tau(state["epoch"] + 1)) - 0.15
     op_shaping = (
         torch.where(is_op[Op.GERMINATE], germinate, _zero(e))
         + torch.where(is_op[Op.FOSSILIZE], fossilize, _zero(e))
@@ -158,7 +219,6 @@ def reward_terms(
     )
 
     # (j) terminal
-    last = state["epoch"] == cfg.max_epochs - 1
     unfinished = stage_in(all_stage, (Stage.GERMINATED, Stage.TRAINING))
     stranded = (unfinished.to(f) * 0.3 * GAMMA / GAMMA ** sl["seed_age"].to(f)).sum(1)
     terminal = torch.where(last, 0.05 * acc - stranded, _zero(acc))
@@ -178,12 +238,46 @@ def reward_terms(
     }
 
 
+def committed_terms(
+    state: State, action: dict[str, torch.Tensor], op: torch.Tensor, cfg: EngineConfig
+) -> dict[str, torch.Tensor]:
+    """COMMITTED's pre-action terms (SPEC §12b): SHAPED's, without the per-step c >= 0
+    attribution, its ratio penalty and synergy (they live in the escrow), without the +.05
+    val_acc terminal, plus the ``-Psi(now)`` and ``-W J(now)`` halves of the two differences whose
+    other halves :func:`settlement` pays once the next state is known."""
+    terms = reward_terms(state, action, op, cfg)
+    sl = state["slots"]
+    n_slots = sl["stage"].shape[1]
+    idx = action["slot"].clamp(0, n_slots - 1)[:, None]
+    fresh = (sl["contribution_measured"] != 0) & (sl["epochs_since_measurement"] == 0)
+    escrowed = (fresh & (sl["contribution"] >= 0)).gather(1, idx).squeeze(1)
+    zero = torch.zeros_like(state["val_acc"])
+    last = state["epoch"] == cfg.max_epochs - 1
+    terms["attribution"] = torch.where(escrowed, zero, terms["attribution"])
+    terms["ratio_penalty"] = zero
+    terms["synergy"] = zero
+    terms["terminal"] = terms["terminal"] - torch.where(last, 0.05 * state["val_acc"], zero)
+    terms["escrow"] = -escrow(state)
+    terms["committed"] = -COMMIT_WEIGHT * committed_gain(state)
+    return terms
+
+
+def settlement(next_state: State, done: torch.Tensor, cfg: EngineConfig) -> torch.Tensor:
+    """The part of a step's reward that needs the post-step state: in COMMITTED,
+    ``gamma Psi(next)`` (0 when the episode ends) ``+ W J(next)``; 0 in every other mode."""
+    if cfg.reward_mode != "committed":
+        return torch.zeros_like(next_state["val_acc"])
+    kept = torch.where(done, torch.zeros_like(next_state["val_acc"]), GAMMA * escrow(next_state))
+    return kept + COMMIT_WEIGHT * committed_gain(next_state)
+
+
 def sparse_reward(state: State) -> torch.Tensor:
-    """End-of-episode accuracy minus a fossil-parameter cost, 0 before the last step."""
+    """Committed accuracy (non-fossil seeds off) minus a fossil-parameter cost (the original's
+    ``compute_sparse_reward`` on ``committed_val_acc``); the caller pays it at the last step."""
     sl = state["slots"]
     fossil = (sl["stage"] == int(Stage.FOSSILIZED)).to(torch.float32)
     fossil_params = (fossil * sl["seed_params"]).sum(1)
-    return (state["val_acc"] / 100 - 0.1 * fossil_params / 5e5).clamp(-1.0, 1.0)
+    return (state["acc_committed"] / 100 - 0.1 * fossil_params / 5e5).clamp(-1.0, 1.0)
 
 
 def compute_reward(
@@ -193,6 +287,8 @@ def compute_reward(
     mode = cfg.reward_mode
     if mode == "shaped":
         return torch.stack(list(reward_terms(state, action, op, cfg).values())).sum(0)
+    if mode == "committed":
+        return torch.stack(list(committed_terms(state, action, op, cfg).values())).sum(0)
     last = state["epoch"] == cfg.max_epochs - 1
     zero = torch.zeros_like(state["val_acc"])
     if mode in ("sparse", "minimal"):

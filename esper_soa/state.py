@@ -82,6 +82,7 @@ ENV_FIELDS: dict[str, tuple[torch.dtype, float, tuple[int, ...]]] = {
     "val_loss": (F, 0.0, ()),
     "val_acc": (F, 0.0, ()),
     "acc_all_seeds_off": (F, 0.0, ()),
+    "acc_committed": (F, 0.0, ()),  # val_acc with every non-FOSSILIZED seed off (what is committed)
     "loss_history": (F, 0.0, (HISTORY_LEN,)),
     "acc_history": (F, 0.0, (HISTORY_LEN,)),
     "history_len": (I, 0, ()),

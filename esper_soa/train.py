@@ -36,7 +36,7 @@ from torchrl.collectors import Collector
 from torchrl.envs import Compose, RewardSum, TransformedEnv
 from tqdm.auto import tqdm
 
-from esper_soa.cli import RolloutStats, collect_baseline, final_stats, run_collector
+from esper_soa.cli import EPISODE_METRICS, RolloutStats, collect_baseline, final_stats, run_collector, stats_from_samples
 from esper_soa.config import EngineConfig
 from esper_soa.engine import Engine
 from esper_soa.env import MASK_KEYS, EsperEnv
@@ -512,25 +512,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
 # --- evaluation -----------------------------------------------------------------------------
 def merge_stats(stats: Sequence[RolloutStats]) -> RolloutStats:
-    """Pool rollouts (episode-weighted means, summed frames/time/op counts)."""
-    episodes = sum(s.episodes for s in stats)
-
-    def pooled(name: str) -> float:
-        return sum(getattr(s, name) * s.episodes for s in stats) / max(episodes, 1)
-
+    """Pool rollouts (their episodes' samples, summed frames/time/op counts)."""
     ops: dict[str, int] = {}
     for s in stats:
         for k, v in s.op_counts.items():
             ops[k] = ops.get(k, 0) + v
-    return RolloutStats(
-        frames=sum(s.frames for s in stats),
-        seconds=sum(s.seconds for s in stats),
-        mean_return=pooled("mean_return"),
-        episodes=episodes,
-        mean_final_accuracy=pooled("mean_final_accuracy"),
-        fossils_per_episode=pooled("fossils_per_episode"),
-        op_counts=ops,
-    )
+    samples = {k: torch.cat([s.samples[k] for s in stats]) for k in EPISODE_METRICS}
+    return stats_from_samples(samples, sum(s.frames for s in stats), sum(s.seconds for s in stats), ops)
 
 
 def evaluate(

@@ -16,7 +16,7 @@ from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import record_epoch
 from esper_soa.masks import compute_masks
 from esper_soa.reference import ReferenceEngine
-from esper_soa.reward import compute_reward
+from esper_soa.reward import compute_reward, settlement
 from esper_soa.spec import SpecTables
 from esper_soa.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state, reset_rows
 from esper_soa.transition import act, emit
@@ -32,7 +32,7 @@ configs = st.builds(
     auto_forward_g2=st.booleans(),
     auto_forward_g3=st.booleans(),
     max_seeds=st.sampled_from([0, 0, 1, 2]),
-    reward_mode=st.sampled_from(["shaped", "shaped", "sparse", "minimal", "simplified"]),
+    reward_mode=st.sampled_from(["committed", "committed", "shaped", "shaped", "sparse", "minimal", "simplified"]),
     max_epochs=st.sampled_from([30, 150]),
 )
 
@@ -75,11 +75,13 @@ def test_engine_matches_reference(config: dict, seed: int, n_envs: int) -> None:
         np_action = to_numpy(action)
         new, op, success = act(state, action, tables, cfg)
         reward = compute_reward(state, action, op, cfg)
-        _close(reward, ref.reward(np_action), f"reward at step {step}")
-        new["episode_return"] = new["episode_return"] + reward  # as Engine.step does
+        _close(reward, ref.reward(np_action), f"pre-action reward at step {step}")
         metrics = random_metrics(rng, n_envs, cfg.n_slots)
         state = record_epoch(new, metrics)
+        reward = reward + settlement(state, state["epoch"] >= cfg.max_epochs, cfg)  # as Engine.step does
+        state["episode_return"] = state["episode_return"] + reward
         ref_out = ref.transition(np_action, to_numpy(metrics))
+        _close(reward, ref_out["reward"], f"reward at step {step}")
         _close(op, ref_out["executed_op"], f"executed op at step {step}")
         _close(success, ref_out["success"], f"success at step {step}")
         assert_state_equal(state, ref.export_state(), step)

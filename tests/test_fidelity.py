@@ -17,7 +17,7 @@ import torch
 from esper_soa.config import EngineConfig
 from esper_soa.lifecycle import record_epoch
 from esper_soa.reference import ReferenceEngine
-from esper_soa.reward import compute_reward
+from esper_soa.reward import compute_reward, settlement
 from esper_soa.spec import OBS_BASE, OBS_SLOT, AlphaCurve, AlphaMode, Blueprint, Op, SpecTables, Stage
 from esper_soa.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
 from esper_soa.transition import act, emit
@@ -51,8 +51,10 @@ class Twin:
         action = make_actions(1, op=op, **heads)
         m = make_metrics(1, self.cfg.n_slots, **self.metrics)
         new, op, success = act(self.state, _tensors(action), self.tables, self.cfg)
-        new["episode_return"] = new["episode_return"] + compute_reward(self.state, _tensors(action), op, self.cfg)
+        reward = compute_reward(self.state, _tensors(action), op, self.cfg)
         self.state = record_epoch(new, _tensors(m))
+        done = self.state["epoch"] >= self.cfg.max_epochs
+        self.state["episode_return"] = self.state["episode_return"] + reward + settlement(self.state, done, self.cfg)
         ref_out = self.ref.transition(action, m)
         self.out = emit(self.state, self.tables, self.cfg)
         self._assert_twins(ref_out["success"][0], float(success[0]))

@@ -121,6 +121,7 @@ def test_batched_epoch_equals_per_env_reference() -> None:
             assert abs(metrics["val_loss"][e].item() - ev["val_loss"]) < 1e-4
             assert abs(metrics["val_acc"][e].item() - ev["val_acc"]) < one
             assert abs(metrics["acc_all_seeds_off"][e].item() - ev["acc_all_seeds_off"]) < one
+            assert abs(metrics["acc_committed"][e].item() - ev["acc_committed"]) < one
             np.testing.assert_allclose(metrics["acc_without_slot"][e].numpy(), ev["acc_without_slot"], atol=one)
             np.testing.assert_allclose(metrics["interaction_sum"][e].numpy(), ev["interaction_sum"], atol=4 * one)
     assert set(metrics) == set(METRIC_FIELDS)
@@ -186,7 +187,10 @@ def test_fossil_is_frozen_blended_and_counterfactual_is_host_without_seed() -> N
             want = single_host_forward(p, x, slots, HCFG, off=frozenset(off))
             torch.testing.assert_close(dyn.predict(fossil, new, x, off=off)[:, e], want, atol=1e-5, rtol=1e-5)
     ev_no_seed = dyn.evaluate(no_seed, new)
-    torch.testing.assert_close(dyn.evaluate(fossil, new)["acc_without_slot"][:, 0], ev_no_seed["val_acc"])
+    ev = dyn.evaluate(fossil, new)
+    torch.testing.assert_close(ev["acc_without_slot"][:, 0], ev_no_seed["val_acc"])
+    # committed accuracy keeps the fossil (slot 0) on and turns the BLENDING seed (slot 2) off
+    torch.testing.assert_close(ev["acc_committed"], ev["acc_without_slot"][:, 2])
 
 
 def test_deterministic_fresh_seeds_and_partial_reset() -> None:

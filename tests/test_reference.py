@@ -35,6 +35,7 @@ from esper_soa.state import ENV_FIELDS, SLOT_FIELDS
 from tests.helpers import SPEED_FAST, SPEED_INSTANT, SPEED_MEDIUM, TARGET_FULL, TARGET_HALF, TEMPO_STANDARD, make_actions, make_metrics
 
 def make_engine(n_envs: int = 1, n_slots: int = 3, **cfg_kw) -> ReferenceEngine:
+    cfg_kw.setdefault("reward_mode", "shaped")  # the reward tests below pin the original's SHAPED values
     cfg = EngineConfig(n_envs=n_envs, n_slots=n_slots, **cfg_kw)
     eng = ReferenceEngine(cfg)
     eng.reset_envs([True] * n_envs, make_metrics(n_envs, n_slots))
@@ -393,13 +394,18 @@ def reward_of(eng: ReferenceEngine, **heads: int) -> float:
 
 
 def test_germinate_shaping_epoch_0_and_12() -> None:
-    eng = make_engine(n_slots=1)
-    assert reward_of(eng, op=Op.GERMINATE) == pytest.approx(0.3 * GAMMA * 0.4 - 0.15)
+    """Mirrors the original's GERMINATE branch of ``compute_contribution_reward``: tau is taken at
+    its 1-based epoch (our epoch 0 is its epoch 1: tau = 0.46), and at its last epoch
+    (``epoch == max_epochs``) only the -0.15 cost is paid."""
+    eng = make_engine(n_slots=1, max_epochs=14)
+    assert reward_of(eng, op=Op.GERMINATE) == pytest.approx(0.3 * GAMMA * 0.46 - 0.15)
     for _ in range(12):
         step(eng)
     assert eng.envs[0].epoch == 12
     assert reward_of(eng, op=Op.GERMINATE) == pytest.approx(0.3 * GAMMA * 1.0 - 0.15)
     assert reward_of(eng, op=Op.WAIT) == 0.0
+    step(eng)
+    assert reward_of(eng, op=Op.GERMINATE) == pytest.approx(0.05 * 50.0 - 0.15)  # terminal + cost only
     assert [timing_discount(g) for g in (0, 5, 9, 10)] == pytest.approx([0.4, 0.7, 0.94, 1.0])
 
 
@@ -462,7 +468,8 @@ def test_prune_shaping_harmful_seed() -> None:
 
 def test_fossilize_shaping() -> None:
     eng = make_engine(n_slots=1)
-    eng.envs[0].acc_all_seeds_off = 49.5  # I = 0.5
+    eng.envs[0].acc_committed = 49.5  # I = 0.5
+    eng.envs[0].epoch = 50  # germinated at the original's epoch 50 + 1 - 30 = 21: tau = 1
     H, P = 1e5, 4000.0
     set_slot(eng, 0, stage=Stage.HOLDING, previous_stage=Stage.BLENDING, epochs_in_stage=5, seed_age=30,
              germination_epoch=20, alpha=1.0, alpha_target=1.0, previous_alpha=1.0, seed_params=P,

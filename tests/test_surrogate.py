@@ -454,3 +454,30 @@ def test_compile_fullgraph_matches_eager() -> None:
         for k in aux_e:
             torch.testing.assert_close(aux_c[k], aux_e[k], rtol=1e-5, atol=1e-5)
         aux = aux_e
+
+
+def test_acc_committed_keeps_fossils_and_drops_other_seeds() -> None:
+    """acc_committed = host + fossils (with their pair terms): a fossil plus a BLENDING seed reads
+    like the leave-one-out of the BLENDING seed; with no fossil it is the all-off measurement and
+    with only fossils it is val_acc itself."""
+    n = 800
+    cf_std = SurrogateConfig().cf_noise_std
+    _, dyn, aux, st = setup(n, seed=5)
+    set_slot(st, 0, Stage.FOSSILIZED, alpha=1.0, blueprint=Blueprint.CONV_LIGHT)
+    set_slot(st, 2, Stage.BLENDING, alpha=0.6, blueprint=Blueprint.ATTENTION)
+    aux = dict(aux)
+    aux["progress"] = torch.full((n, S), 30.0)
+    m, _, truth = step(dyn, st, aux, 40)
+    err = m["acc_committed"] - truth["committed"]
+    assert abs((err - (m["val_acc"] - truth["acc_true"])).std() - cf_std) < 0.2 * cf_std  # own noise
+    want = truth["host_acc"] + truth["contribution"][:, 0]
+    assert torch.allclose(truth["committed"], want, atol=1e-4)
+    assert (m["acc_committed"] - m["acc_all_seeds_off"]).mean() > 3 * cf_std / math.sqrt(n)  # fossil counts
+    st_nf = {**st, "slots": dict(st["slots"])}
+    st_nf["slots"]["stage"] = st["slots"]["stage"].clone()
+    st_nf["slots"]["stage"][:, 0] = int(Stage.HOLDING)
+    m_nf, _, _ = step(dyn, st_nf, aux, 40)
+    assert torch.equal(m_nf["acc_committed"], m_nf["acc_all_seeds_off"])
+    set_slot(st, 2, Stage.DORMANT)
+    m_f, _, _ = step(dyn, st, aux, 40)
+    assert torch.equal(m_f["acc_committed"], m_f["val_acc"])

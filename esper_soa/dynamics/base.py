@@ -18,6 +18,7 @@ METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
     "val_loss": (torch.float32, False),
     "val_acc": (torch.float32, False),  # percent
     "acc_all_seeds_off": (torch.float32, False),  # val_acc with every seed's alpha forced to 0
+    "acc_committed": (torch.float32, False),  # val_acc with every non-FOSSILIZED seed's alpha at 0
     "host_params": (torch.float32, False),
     "diverged": (torch.bool, False),  # catastrophic divergence reported by the backend
     "acc_without_slot": (torch.float32, True),  # val_acc with this slot's alpha forced to 0

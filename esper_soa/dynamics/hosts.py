@@ -616,6 +616,11 @@ class BatchedHostsDynamics:
             trains=_stage_in(stage, _TRAINS), seeded=_stage_in(stage, _SEEDED), active=blended & (alpha > 0.0),
         )
 
+    @staticmethod
+    def _fossil_rows(state: State) -> torch.Tensor:
+        """``[E, S]`` CPU bool: the slot holds a FOSSILIZED seed (kept on in ``acc_committed``)."""
+        return state["slots"]["stage"].cpu() == int(Stage.FOSSILIZED)
+
     def _groups(self, tab: _SlotTable, s: int, rows: torch.Tensor | None, train: bool) -> list[_Group]:
         """Blueprint groups of slot ``s`` among the envs ``rows`` (CPU indices; None = all, in order)."""
         if rows is None:
@@ -851,7 +856,7 @@ class BatchedHostsDynamics:
     def evaluate(self, state: State, aux: dict, tab: _SlotTable | None = None) -> dict[str, torch.Tensor]:
         """Validation of every env with all on/off seed variants in one batched pass per chunk.
 
-        Returns val_loss, val_acc, acc_without_slot, acc_all_seeds_off, interaction_sum (see the
+        Returns val_loss, val_acc, acc_without_slot, acc_all_seeds_off, acc_committed, interaction_sum (see the
         module docstring) and ``finite`` (the full model's loss is finite).
         """
         h = self.hcfg
@@ -874,6 +879,10 @@ class BatchedHostsDynamics:
                         ).view(bsz, n).sum(0)
             correct = self._assemble(plan, correct, tab)
         acc = 100.0 * correct / h.val_size  # [2^S, E], bit s of the index = slot s off
+        # the committed model is one more variant of the same pass: every non-fossil active seed off
+        fossil = self._fossil_rows(state)
+        uncommitted = ((tab.active & ~fossil).to(torch.int64) << torch.arange(self.n_slots)).sum(1)
+        env_idx = torch.arange(n_env, device=self.device)
         s_n = self.n_slots
         inter = torch.zeros(n_env, s_n, device=self.device)
         for i in range(s_n):
@@ -886,6 +895,7 @@ class BatchedHostsDynamics:
             "val_acc": acc[0],
             "acc_without_slot": torch.stack([acc[1 << s] for s in range(s_n)], 1),
             "acc_all_seeds_off": acc[-1],
+            "acc_committed": acc[uncommitted.to(self.device), env_idx],
             "interaction_sum": inter,
             "finite": torch.isfinite(val_loss),
         }
@@ -909,6 +919,7 @@ class BatchedHostsDynamics:
             "val_loss": torch.where(dv, math.log(self.n_classes), ev["val_loss"]),
             "val_acc": torch.where(dv, chance, ev["val_acc"]),
             "acc_all_seeds_off": torch.where(dv, chance, ev["acc_all_seeds_off"]),
+            "acc_committed": torch.where(dv, chance, ev["acc_committed"]),
             "host_params": torch.full((n_env,), self.host_params, device=self.device),
             "diverged": diverged,
             "acc_without_slot": torch.where(dvs, chance, ev["acc_without_slot"]),
@@ -1088,5 +1099,6 @@ def evaluate_single_host(
         "val_acc": full,
         "acc_without_slot": without,
         "acc_all_seeds_off": run(frozenset(range(n_slots)))[0],
+        "acc_committed": run(frozenset(s for s, st in enumerate(slots) if st.stage != Stage.FOSSILIZED))[0],
         "interaction_sum": inter,
     }

@@ -143,6 +143,7 @@ _ST_HOST_GRAD = 4  # host gradient-norm noise [E]
 _ST_HEALTH = 5  # health measurement noise [E, S]
 _ST_RATIO = 6  # gradient-ratio noise [E, S]
 _ST_DIVERGE = 7  # divergence uniform [E]
+_ST_CF_COMMITTED = 8  # committed (non-fossil seeds off) counterfactual noise [E]
 _LT_HOST = 101  # host curve uniforms [E, 3]
 _LT_BENEFIT = 102  # benefit normals [E, S, 13]
 _LT_HEALTH = 103  # health normals [E, S, 13]
@@ -337,6 +338,19 @@ class SurrogateDynamics:
         acc_without = torch.where(active, without.clamp(0.0, 100.0), val_acc.unsqueeze(1))
         any_active = active.any(-1)
         acc_off = torch.where(any_active, (host_acc + n_eval + n_off).clamp(0.0, 100.0), val_acc)
+        # committed model: fossils stay on (with their pair terms), every other seed off; the same
+        # measurement as val_acc / acc_off when every active seed is / none is a fossil
+        fossil = active & (stage == int(Stage.FOSSILIZED))
+        ff = fossil.to(torch.float32)
+        committed_true = (
+            host_acc + (contribution * ff).sum(-1) + 0.5 * (pair * ff.unsqueeze(2) * ff.unsqueeze(1)).sum((1, 2))
+        )
+        n_comm = c.cf_noise_std * rng.normal(key, counter, _ST_CF_COMMITTED)
+        acc_committed = torch.where(
+            (active & ~fossil).any(-1),
+            torch.where(fossil.any(-1), (committed_true + n_eval + n_comm).clamp(0.0, 100.0), acc_off),
+            val_acc,
+        )
 
         # gradient telemetry for seeds that train
         host_gn = (
@@ -367,6 +381,7 @@ class SurrogateDynamics:
         val_acc = torch.where(diverged, c.diverged_acc, val_acc)
         acc_without = torch.where(diverged.unsqueeze(1), c.diverged_acc, acc_without)
         acc_off = torch.where(diverged, c.diverged_acc, acc_off)
+        acc_committed = torch.where(diverged, c.diverged_acc, acc_committed)
 
         frac = (val_acc / 100.0).clamp(min=c.loss_min_acc_frac)
         val_loss = c.loss_floor - c.loss_log_scale * torch.log(frac)
@@ -375,6 +390,7 @@ class SurrogateDynamics:
             "val_loss": val_loss,
             "val_acc": val_acc,
             "acc_all_seeds_off": acc_off,
+            "acc_committed": acc_committed,
             "host_params": torch.full((e,), self.host_params, dtype=torch.float32, device=dev),
             "diverged": diverged,
             "acc_without_slot": acc_without,
@@ -392,6 +408,7 @@ class SurrogateDynamics:
         truth = {
             "host_curve": curve,  # undisturbed host learning curve
             "host_acc": host_acc,  # host with every seed's alpha at 0 (dips included)
+            "committed": committed_true,  # noiseless acc_committed (fossils on, other seeds off)
             "acc_true": acc_true,  # noiseless val_acc
             "contribution": contribution,  # noiseless val_acc - acc_without_slot minus the slot's pair terms
             "effect": effect,  # per-slot effect of the fully blended seed (before alpha)

@@ -1,0 +1,121 @@
+"""Reward-integrity gate (issue 13): does a reward mode rank controllers by the real objective?
+
+Over held-out env seeds, each scripted controller's mean episode return (discounted and not) is
+compared with its mean J_final. A mode passes when Kendall tau(return, J) >= 0.8, no pair whose
+J differs by more than max(0.1, 3 SE) is ordered the other way by return (discounted and
+undiscounted), and every never-fossilizing controller earns less than the heuristic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from esper_soa.baselines import CONTROLLERS
+from esper_soa.config import EngineConfig
+from esper_soa.engine import Engine
+from esper_soa.heuristic import HeuristicController
+from esper_soa.spec import GAMMA, Stage
+
+NEVER_FOSSILIZE = ("wait", "farm_blending_largest", "farm_blending_smallest", "farm_holding_largest",
+                   "farm_holding_smallest")
+
+
+@dataclass
+class Row:
+    name: str
+    ret: torch.Tensor  # [N] undiscounted episode returns
+    disc: torch.Tensor  # [N] discounted (GAMMA) returns
+    j: torch.Tensor  # [N] J_final in pp
+    fossils: torch.Tensor  # [N]
+
+    def mean_se(self, x: torch.Tensor) -> tuple[float, float]:
+        return float(x.mean()), float(x.std() / x.numel() ** 0.5)
+
+
+def run_controller(name: str, cfg: EngineConfig) -> Row:
+    """One episode per env of ``name`` on the engine directly (no collector: the discounted return
+    needs the per-step rewards)."""
+    from esper_soa.adversaries import adversary_config, adversary_step
+    from esper_soa.spec import Op
+
+    eng = Engine(cfg)
+    out = eng.reset()
+    heuristic = HeuristicController(cfg, compile=False) if name == "heuristic" else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    acfg = adversary_config(name) if name not in ("random", "heuristic", "wait") else None
+    ret = torch.zeros(cfg.n_envs, dtype=torch.float64)
+    disc = torch.zeros(cfg.n_envs, dtype=torch.float64)
+    from esper_soa.engine import _masks_of
+    from esper_soa.masks import sample_masked_action
+
+    for t in range(cfg.max_epochs):
+        masks = _masks_of(out)
+        state = eng.state.to_dict()
+        if heuristic is not None:
+            action = heuristic.act(state, masks)
+        elif acfg is not None:
+            action = adversary_step(state, masks, acfg, cfg)
+        elif name == "random":
+            action = sample_masked_action(masks, gen)
+        else:
+            action = {k: torch.zeros(cfg.n_envs, dtype=torch.int64) for k in masks if k != "slot_by_op"}
+            action["op"] = torch.full((cfg.n_envs,), int(Op.WAIT))
+            action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
+            action.update({k: torch.zeros(cfg.n_envs, dtype=torch.int64) for k in ("blueprint", "style", "tempo",
+                                                                                  "alpha_target", "alpha_speed",
+                                                                                  "alpha_curve")})
+        out = eng.step(action)
+        r = out["reward"].squeeze(-1).double()
+        ret += r
+        disc += GAMMA**t * r
+    fossils = (eng.state["slots"]["stage"] == int(Stage.FOSSILIZED)).sum(1).double()
+    return Row(name, ret, disc, out["committed_gain"].double(), fossils)
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    n, s = len(x), 0.0
+    for i in range(n):
+        for k in range(i + 1, n):
+            s += float(torch.sign(torch.tensor((x[i] - x[k]) * (y[i] - y[k]))))
+    return 2 * s / (n * (n - 1))
+
+
+def gate(rows: list[Row]) -> dict[str, object]:
+    """The three criteria for one mode's rows; ``violations`` names every mis-ordered pair."""
+    j = [r.mean_se(r.j) for r in rows]
+    violations = []
+    for key in ("ret", "disc"):
+        ret = [float(getattr(r, key).mean()) for r in rows]
+        for a in range(len(rows)):
+            for b in range(len(rows)):
+                margin = max(0.1, 3 * (j[a][1] ** 2 + j[b][1] ** 2) ** 0.5)
+                if j[a][0] - j[b][0] > margin and ret[a] <= ret[b]:
+                    violations.append(f"{key}: {rows[a].name} (J {j[a][0]:.2f}) <= {rows[b].name} (J {j[b][0]:.2f})")
+    by_name = {r.name: float(r.ret.mean()) for r in rows}
+    farms_lose = all(by_name[n] < by_name["heuristic"] for n in NEVER_FOSSILIZE if n in by_name)
+    tau = kendall_tau([float(r.ret.mean()) for r in rows], [m for m, _ in j])
+    return {"tau": tau, "violations": violations, "farms_lose": farms_lose,
+            "passed": tau >= 0.8 and not violations and farms_lose}
+
+
+def integrity_table(mode: str, n_envs: int = 128, seeds: tuple[int, ...] = (1000,), max_epochs: int = 150) -> tuple[list[Row], dict]:
+    """Rows of every controller in :data:`CONTROLLERS` under ``mode`` on the held-out ``seeds``."""
+    rows = []
+    for name in CONTROLLERS:
+        parts = [run_controller(name, EngineConfig(n_envs=n_envs, reward_mode=mode, seed=s, max_epochs=max_epochs,
+                                                   validate_actions=False)) for s in seeds]
+        rows.append(Row(name, *(torch.cat([getattr(p, k) for p in parts]) for k in ("ret", "disc", "j", "fossils"))))
+    return rows, gate(rows)
+
+
+def format_rows(mode: str, rows: list[Row], verdict: dict) -> str:
+    lines = [f"== {mode}: Kendall tau {verdict['tau']:.2f}, never-fossilize controllers below heuristic: "
+             f"{verdict['farms_lose']}, {'PASS' if verdict['passed'] else 'FAIL'}",
+             f"{'controller':24s} {'return':>16s} {'disc. return':>16s} {'J_final (pp)':>16s} {'fossils/ep':>10s}"]
+    for r in rows:
+        (m, s), (dm, ds), (jm, js) = r.mean_se(r.ret), r.mean_se(r.disc), r.mean_se(r.j)
+        lines.append(f"{r.name:24s} {m:9.2f} ±{s:<5.2f} {dm:9.2f} ±{ds:<5.2f} {jm:9.3f} ±{js:<5.3f} {float(r.fossils.mean()):10.2f}")
+    lines += [f"  violation: {v}" for v in verdict["violations"][:12]]
+    return "\n".join(lines)
