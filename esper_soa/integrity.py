@@ -1,14 +1,18 @@
 """Reward-integrity gate (issue 13): does a reward mode rank controllers by the real objective?
 
 Over held-out env seeds, each scripted controller's mean episode return (discounted and not) is
-compared with its mean J_final. A mode passes when Kendall tau(return, J) >= 0.8, no pair whose
-J differs by more than max(0.1, 3 SE) is ordered the other way by return (discounted and
-undiscounted), and every never-fossilizing controller earns less than the heuristic.
+compared with its mean J_final. Two controllers' J *differ* when the gap exceeds max(0.1, 3 SE of
+the gap). A mode passes when Kendall's tau(return, J) over the pairs whose J differ is >= 0.8 (for
+the discounted and the undiscounted return; the table also prints tau over all pairs), no pair
+whose J differ is
+ordered the other way by return, and every never-fossilizing controller earns less than the
+heuristic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -74,29 +78,44 @@ def run_controller(name: str, cfg: EngineConfig) -> Row:
     return Row(name, ret, disc, out["committed_gain"].double(), fossils)
 
 
-def kendall_tau(x: list[float], y: list[float]) -> float:
-    n, s = len(x), 0.0
-    for i in range(n):
-        for k in range(i + 1, n):
-            s += float(torch.sign(torch.tensor((x[i] - x[k]) * (y[i] - y[k]))))
-    return 2 * s / (n * (n - 1))
+def kendall_tau(x: list[float], y: list[float], ordered: list[list[bool]] | None = None) -> float:
+    """Kendall's tau between ``x`` and ``y`` over the pairs ``ordered[i][k]`` says ``y`` orders
+    (all pairs by default): (concordant - discordant) / those pairs, ties in ``x`` counting as
+    neither. The gate orders by J only the pairs whose J differ beyond the noise: every
+    never-fossilizing controller has J exactly 0, and those ties, counted in the denominator, would
+    cap the statistic near 0.8 whatever the reward did."""
+    concordant = discordant = pairs = 0
+    for i in range(len(x)):
+        for k in range(i + 1, len(x)):
+            if y[i] == y[k] or (ordered is not None and not ordered[i][k]):
+                continue
+            pairs += 1
+            sign = (x[i] - x[k]) * (y[i] - y[k])
+            concordant += sign > 0
+            discordant += sign < 0
+    return (concordant - discordant) / pairs if pairs else 0.0
 
 
 def gate(rows: list[Row]) -> dict[str, object]:
-    """The three criteria for one mode's rows; ``violations`` names every mis-ordered pair."""
+    """The three criteria for one mode's rows; ``violations`` names every mis-ordered pair. Two
+    controllers' J differ when the gap exceeds max(0.1, 3 SE of the gap)."""
     j = [r.mean_se(r.j) for r in rows]
+    n = len(rows)
+    differ = [[abs(j[a][0] - j[b][0]) > max(0.1, 3 * (j[a][1] ** 2 + j[b][1] ** 2) ** 0.5) for b in range(n)]
+              for a in range(n)]
     violations = []
     for key in ("ret", "disc"):
         ret = [float(getattr(r, key).mean()) for r in rows]
-        for a in range(len(rows)):
-            for b in range(len(rows)):
-                margin = max(0.1, 3 * (j[a][1] ** 2 + j[b][1] ** 2) ** 0.5)
-                if j[a][0] - j[b][0] > margin and ret[a] <= ret[b]:
+        for a in range(n):
+            for b in range(n):
+                if differ[a][b] and j[a][0] > j[b][0] and ret[a] <= ret[b]:
                     violations.append(f"{key}: {rows[a].name} (J {j[a][0]:.2f}) <= {rows[b].name} (J {j[b][0]:.2f})")
     by_name = {r.name: float(r.ret.mean()) for r in rows}
     farms_lose = all(by_name[n] < by_name["heuristic"] for n in NEVER_FOSSILIZE if n in by_name)
-    tau = kendall_tau([float(r.ret.mean()) for r in rows], [m for m, _ in j])
-    return {"tau": tau, "violations": violations, "farms_lose": farms_lose,
+    means = [m for m, _ in j]
+    tau = min(kendall_tau([float(getattr(r, key).mean()) for r in rows], means, differ) for key in ("ret", "disc"))
+    tau_all = min(kendall_tau([float(getattr(r, key).mean()) for r in rows], means) for key in ("ret", "disc"))
+    return {"tau": tau, "tau_all_pairs": tau_all, "violations": violations, "farms_lose": farms_lose,
             "passed": tau >= 0.8 and not violations and farms_lose}
 
 
@@ -111,7 +130,7 @@ def integrity_table(mode: str, n_envs: int = 128, seeds: tuple[int, ...] = (1000
 
 
 def format_rows(mode: str, rows: list[Row], verdict: dict) -> str:
-    lines = [f"== {mode}: Kendall tau {verdict['tau']:.2f}, never-fossilize controllers below heuristic: "
+    lines = [f"== {mode}: Kendall tau {verdict['tau']:.2f} (all pairs {verdict['tau_all_pairs']:.2f}), never-fossilize controllers below heuristic: "
              f"{verdict['farms_lose']}, {'PASS' if verdict['passed'] else 'FAIL'}",
              f"{'controller':24s} {'return':>16s} {'disc. return':>16s} {'J_final (pp)':>16s} {'fossils/ep':>10s}"]
     for r in rows:

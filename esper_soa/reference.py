@@ -645,13 +645,14 @@ class ReferenceEngine:
         return A, rp, syn
 
     def escrow(self, env: RefEnv) -> float:
-        """COMMITTED's Psi: the credit of every BLENDING/HOLDING seed with a fresh c >= 0."""
+        """COMMITTED's Psi: the credit of every BLENDING/HOLDING seed with a fresh c (c itself
+        when c < 0)."""
         total = 0.0
         for slot in env.slots:
             fresh = slot.contribution_measured and slot.epochs_since_measurement == 0
-            if slot.stage in (Stage.BLENDING, Stage.HOLDING) and fresh and slot.contribution >= 0:
+            if slot.stage in (Stage.BLENDING, Stage.HOLDING) and fresh:
                 A, rp, syn = self.credit(env, slot)
-                total += max(0.0, A + rp) + (syn if A + rp > 0 else 0.0)
+                total += A if slot.contribution < 0 else max(0.0, A + rp) + (syn if A + rp > 0 else 0.0)
         return total
 
     def committed_gain(self, env: RefEnv) -> float:
@@ -685,7 +686,7 @@ class ReferenceEngine:
             A, rp, syn = 0.0, 0.0, 0.0
             if c_known:
                 A, rp, syn = self.credit(env, T)
-                if committed and c >= 0:  # held in escrow instead
+                if committed and T.stage in (Stage.BLENDING, Stage.HOLDING):  # held in escrow instead
                     A, rp, syn = 0.0, 0.0, 0.0
             elif T.stage in (Stage.BLENDING, Stage.HOLDING):
                 A = 0.3 * max(0.0, acc - T.accuracy_at_stage_start)
@@ -697,15 +698,14 @@ class ReferenceEngine:
                 A = -A
             bounded = A + rp  # the ratio penalty stays a penalty for PRUNE
             r += bounded
-            # (b) blending a seed while the uncommitted seeds together hurt the host
-            if T.stage == Stage.BLENDING and I_ < 0:
+            # (b) blending a seed while the uncommitted seeds together hurt the host (not in
+            # COMMITTED, where J alone judges what is kept)
+            if T.stage == Stage.BLENDING and I_ < 0 and not committed:
                 r += -0.1 - min(0.05 * e, 0.3)
-            # (c) holding a useful seed without deciding (COMMITTED: on the credit SHAPED would pay)
-            held = bounded
-            if committed and c_known and c >= 0:
-                A2, rp2, _ = self.credit(env, T)
-                held = A2 + rp2
-            if T.stage == Stage.HOLDING and op not in (Op.FOSSILIZE, Op.PRUNE) and e >= 2 and held > 0:
+            # (c) holding a useful seed without deciding (not in COMMITTED, whose escrow leaves
+            # nothing to farm)
+            held = T.stage == Stage.HOLDING and op not in (Op.FOSSILIZE, Op.PRUNE) and e >= 2 and bounded > 0
+            if held and not committed:
                 r -= min(0.1 + 0.05 * max(0, e - 2), 0.3)
             # (e) synergy (COMMITTED: part of the escrowed credit only)
             if bounded > 0 and not committed:
@@ -714,14 +714,15 @@ class ReferenceEngine:
         # (d) PBRS
         r += self.pbrs(T)
 
-        # (f) rent on the parameters the blended/held/fossilized seeds add
+        # (f) rent on the parameters the blended/held/fossilized seeds add (not in COMMITTED:
+        # J prices the fossils' parameters once, and uncommitted seeds are not in its network)
         H_floor = max(H, PARAMS_FLOOR)
         eff = sum(
             RENT_HOST_FRACTION * H + slot.alpha * slot.seed_params
             for slot in env.slots
             if slot.stage in (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
         )
-        r -= min(0.5 * math.log1p(eff / H_floor), 1.5)
+        r -= 0.0 if committed else min(0.5 * math.log1p(eff / H_floor), 1.5)
 
         # (g) alpha shock
         shock = sum((slot.alpha - slot.previous_alpha) ** 2 * slot.seed_params for slot in env.slots)

@@ -95,17 +95,20 @@ def slot_credit(state: State) -> dict[str, torch.Tensor]:
     return {
         "c": c, "c_known": c_known, "d": d, "measured": torch.where(c < 0, c, positive),
         "positive": positive, "ratio_penalty": ratio_penalty, "synergy": synergy, "proxy": proxy,
-        "escrowed": blended & c_known & (c >= 0), "imp": imp.squeeze(1).to(f),
+        "escrowed": blended & c_known, "imp": imp.squeeze(1).to(f),
     }
 
 
 def escrow(state: State, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """COMMITTED's potential Psi ``[E]``: the credit each BLENDING/HOLDING seed with a fresh c >= 0
-    would earn per step under SHAPED, held in escrow instead of paid (SPEC §12b (a'))."""
+    """COMMITTED's potential Psi ``[E]``: the credit each BLENDING/HOLDING seed with a fresh c
+    would earn per step under SHAPED, held in escrow instead of paid (SPEC §12b (a')); a harmful
+    seed's escrow is its (negative) c, so pruning it pays |c| once and keeping it costs nothing per
+    step (J alone judges what is kept)."""
     parts = slot_credit(state) if parts is None else parts
     base = parts["positive"] + parts["ratio_penalty"]
     synergy = torch.where((parts["d"] >= 0.5) & (base > 0), parts["synergy"], _zero(base))
-    credit = torch.where(parts["escrowed"], base.clamp(min=0.0) + synergy, _zero(base))
+    credit = torch.where(parts["c"] >= 0, base.clamp(min=0.0) + synergy, parts["measured"])
+    credit = torch.where(parts["escrowed"], credit, _zero(base))
     return credit.sum(1)
 
 
@@ -244,20 +247,29 @@ def committed_terms(
     """COMMITTED's pre-action terms (SPEC §12b): SHAPED's, without the per-step c >= 0
     attribution, its ratio penalty and synergy (they live in the escrow), without the +.05
     val_acc terminal, plus the ``-Psi(now)`` and ``-W J(now)`` halves of the two differences whose
-    other halves :func:`settlement` pays once the next state is known."""
+    other halves :func:`settlement` pays once the next state is known.
+
+    SHAPED's per-step terms that charge for what J already judges go too, each measured to break
+    the integrity gate (bench/RESULTS.md, "Reward integrity"): the attribution of a
+    BLENDING/HOLDING target of either sign (escrowed), (b) the blending and (c) the holding
+    warnings (the original's patches against farming, which the escrow removes) and (f) the rent
+    (J prices fossil parameters once; uncommitted seeds are not in the committed network)."""
     terms = reward_terms(state, action, op, cfg)
     sl = state["slots"]
     n_slots = sl["stage"].shape[1]
     idx = action["slot"].clamp(0, n_slots - 1)[:, None]
-    fresh = (sl["contribution_measured"] != 0) & (sl["epochs_since_measurement"] == 0)
-    escrowed = (fresh & (sl["contribution"] >= 0)).gather(1, idx).squeeze(1)
+    parts = slot_credit(state)
+    escrowed = parts["escrowed"].gather(1, idx).squeeze(1)
     zero = torch.zeros_like(state["val_acc"])
     last = state["epoch"] == cfg.max_epochs - 1
     terms["attribution"] = torch.where(escrowed, zero, terms["attribution"])
     terms["ratio_penalty"] = zero
     terms["synergy"] = zero
+    terms["holding_warning"] = zero
+    terms["blending_warning"] = zero
+    terms["rent"] = zero
     terms["terminal"] = terms["terminal"] - torch.where(last, 0.05 * state["val_acc"], zero)
-    terms["escrow"] = -escrow(state)
+    terms["escrow"] = -escrow(state, parts)
     terms["committed"] = -COMMIT_WEIGHT * committed_gain(state)
     return terms
 
