@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from esper_soa.config import EngineConfig
+from esper_soa.lifecycle import stage_in
 from esper_soa.spec import (
     CF_FRESHNESS_DECAY,
     EMPTY_BLUEPRINT_INDEX,
     FIXED_HEAD_SIZES,
+    OBS_STAGE_COUNTS,
     AlphaMode,
     SpecTables,
     Stage,
@@ -53,11 +55,13 @@ def observe(state: State, tables: SpecTables, cfg: EngineConfig) -> tuple[torch.
             observed = state["history_len"] >= hist_len - i
             history.append(torch.where(observed, source[:, i] / scale, torch.full_like(source[:, i], -1.0)))
     base = [  # the 23 base features, each [E]
-        state["epoch"].to(f) / horizon,
+        # the host epoch just trained, 1-based as the original (which trains no epoch after its
+        # last decision, so the terminal observation reads 1)
+        (state["epoch"] + 1).clamp(max=horizon).to(f) / horizon,
         symlog(state["val_loss"]) / 7.0,
         state["val_acc"] / 100.0,
         *history,
-        *((stage == int(s)).sum(1).to(f) / n_slots for s in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)),
+        *(stage_in(stage, s).sum(1).to(f) / n_slots for s in OBS_STAGE_COUNTS),
         state["last_action_success"].to(f),
         *((state["last_op"] == code).to(f) for code in range(FIXED_HEAD_SIZES["op"])),
     ]

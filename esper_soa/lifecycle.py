@@ -339,6 +339,7 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     first = stage_in(sl["stage"], LIVE_STAGES) & (sl["seed_age"] == 1)
     update(sl, first, accuracy_at_germination=val_acc[:, None], accuracy_at_stage_start=val_acc[:, None])
 
+    live = stage_in(sl["stage"], LIVE_STAGES)
     measured = stage_in(sl["stage"], COUNTERFACTUAL_STAGES) & (sl["alpha"] > 0)
     was_measured = sl["contribution_measured"] != 0
     new_c = val_acc[:, None] - metrics["acc_without_slot"]
@@ -347,24 +348,31 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
         ~measured & was_measured,
         epochs_since_measurement=sl["epochs_since_measurement"] + 1,
     )
+    # the original zeroes every live seed's interaction_sum before its ablations, which then
+    # refill it for the measured seeds only (a FOSSILIZED seed reads 0)
+    update(sl, live, interaction_sum=torch.where(measured, metrics["interaction_sum"], 0.0))
     update(
         sl,
         measured,
         contribution_velocity=torch.where(was_measured, new_c - sl["contribution"], torch.zeros_like(new_c)),
         previous_contribution=sl["contribution"],
         contribution=new_c,
-        interaction_sum=metrics["interaction_sum"],
         contribution_measured=True,
         epochs_since_measurement=0,
     )
 
     graded = stage_in(sl["stage"], GRADIENT_STAGES)
+    measured_ratio = metrics["gradient_ratio"]
     update(
         sl,
         graded,
         gradient_norm=metrics["gradient_norm"],
         gradient_health=metrics["gradient_health"],
-        gradient_ratio=metrics["gradient_ratio"],
+        # what G2 reads is the trainer's running mean of the per-epoch ratio (0.9 / 0.1, started
+        # by the seed's first measurement), as the original's seed_gradient_norm_ratio
+        gradient_ratio=torch.where(
+            sl["gradient_measured"] != 0, 0.9 * sl["gradient_ratio"] + 0.1 * measured_ratio, measured_ratio
+        ),
         has_vanishing=metrics["has_vanishing"],
         has_exploding=metrics["has_exploding"],
         gradient_measured=True,

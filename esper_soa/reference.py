@@ -49,6 +49,7 @@ from esper_soa.spec import (
     N_STAGE_ONEHOT,
     OBS_BASE,
     OBS_SLOT,
+    OBS_STAGE_COUNTS,
     PRUNABLE_STAGES,
     RESETTING_EPOCHS,
     STYLE_ALGORITHM,
@@ -263,14 +264,18 @@ class RefEnv:
                 slot.interaction_sum = m["interaction_sum"][s]
                 slot.contribution_measured = True
                 slot.epochs_since_measurement = 0
-            elif slot.contribution_measured:
-                slot.epochs_since_measurement += 1
+            else:
+                if slot.stage in LIVE_STAGES:  # zeroed before the ablations, not refilled
+                    slot.interaction_sum = 0.0
+                if slot.contribution_measured:
+                    slot.epochs_since_measurement += 1
 
             if slot.stage in GRADIENT_STAGES:
                 # gradient telemetry only for TRAINING and BLENDING seeds, as the original
                 slot.gradient_norm = m["gradient_norm"][s]
                 slot.gradient_health = m["gradient_health"][s]
-                slot.gradient_ratio = m["gradient_ratio"][s]
+                ratio = m["gradient_ratio"][s]  # G2 reads its running mean, as the original's trainer
+                slot.gradient_ratio = 0.9 * slot.gradient_ratio + 0.1 * ratio if slot.gradient_measured else ratio
                 slot.has_vanishing = m["has_vanishing"][s]
                 slot.has_exploding = m["has_exploding"][s]
                 slot.gradient_measured = True
@@ -809,14 +814,14 @@ class ReferenceEngine:
         S = self.n_slots
         pad = HISTORY_LEN - env.history_len  # positions before this were never observed
         obs = [
-            env.epoch / me,
+            min(env.epoch + 1, me) / me,  # the host epoch just trained, 1-based as the original
             _symlog(env.val_loss) / 7.0,
             env.val_acc / 100.0,
         ]
         obs += [(_symlog(x) / 7.0 if j >= pad else -1.0) for j, x in enumerate(env.loss_history)]
         obs += [(x / 100.0 if j >= pad else -1.0) for j, x in enumerate(env.acc_history)]
-        for stage in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING):
-            obs.append(sum(1 for slot in env.slots if slot.stage == stage) / S)
+        for stages in OBS_STAGE_COUNTS:  # FOSSILIZED counts with HOLDING, as the original
+            obs.append(sum(1 for slot in env.slots if slot.stage in stages) / S)
         obs.append(env.last_action_success)
         obs += [1.0 if k == env.last_op else 0.0 for k in range(len(Op))]
         for slot in env.slots:

@@ -157,6 +157,9 @@ OBS_SLOT = 31
 CF_FRESHNESS_DECAY = 0.995
 GAMMA = 0.995
 
+# stages counted by the observation's three "seeds in stage" features: the original counts
+# FOSSILIZED seeds with the HOLDING ones (its ``batch_obs_to_features``)
+OBS_STAGE_COUNTS = ((Stage.TRAINING,), (Stage.BLENDING,), (Stage.HOLDING, Stage.FOSSILIZED))
 LIVE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
 PRUNABLE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
 ADVANCEABLE_STAGES = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING)

@@ -444,6 +444,7 @@ class MetricStream:
             "val_loss": r.uniform(0.1, 3.0, E),
             "val_acc": acc,
             "acc_all_seeds_off": acc - r.normal(0.3, 1.5, E),
+            "acc_committed": acc - r.normal(0.2, 1.0, E),
             "host_params": np.full(E, 1e5),
             "diverged": np.zeros(E, dtype=bool),
             "acc_without_slot": acc[:, None] - r.normal(0.5, 1.5, (E, S)),
@@ -566,14 +567,9 @@ def env_row(batch: dict[str, np.ndarray], e: int) -> dict[str, Any]:
 
 def run_mode(
     o: SimpleNamespace, mode: str, episodes: int, steps: int, seed: int = 0, n_slots: int = 3,
-    aligned_cooldown: bool = True, ratio_ema: bool = False,
+    aligned_cooldown: bool = True,
 ) -> ModeResult:
-    """``episodes`` envs (one batch on our side) x ``steps`` decisions in one gate/auto mode.
-
-    ``ratio_ema``: give our side the gradient ratio the original's gates read (its trainer's
-    0.9/0.1 EMA over the seed's epochs) instead of the raw per-epoch ratio both sides get
-    otherwise, to see what differs beyond that.
-    """
+    """``episodes`` envs (one batch on our side) x ``steps`` decisions in one gate/auto mode."""
     cfg = EngineConfig(n_envs=episodes, n_slots=n_slots, max_epochs=steps, **MODES[mode])
     rng = np.random.default_rng(seed)
     stream = MetricStream(rng, episodes, n_slots)
@@ -608,16 +604,12 @@ def run_mode(
         actions = draw_actions(rng, ours.masks(), n_slots)
         metrics = stream.next()
         succ = []
-        ours_metrics = {k: v.copy() for k, v in metrics.items()}
         for e, orig in enumerate(origs):
             a = env_row(actions, e)
             succ.append(orig.decide(a))
             orig.run_epoch(env_row(metrics, e))
             res.traces[e].append((a, env_row(metrics, e)))
-            if ratio_ema:
-                for s, sid in enumerate(orig.slot_ids):
-                    ours_metrics["gradient_ratio"][e, s] = orig.env.gradient_ratio_ema.get(sid, metrics["gradient_ratio"][e, s])
-        ours.step(actions, ours_metrics)
+        ours.step(actions, metrics)
         compare_all(step, succ)
     res.sec15[SECTION15[0]] = sum(orig.cooldown_skips for orig in origs)
     return res
@@ -650,7 +642,7 @@ def metrics_row(n_slots: int = 3, **kw: Any) -> dict[str, Any]:
     """A metric input row (one env) with quiet defaults; keyword arguments override fields,
     scalars broadcast over slots."""
     row = dict(
-        val_loss=1.0, val_acc=40.0, acc_all_seeds_off=40.0, host_params=1e5, diverged=False,
+        val_loss=1.0, val_acc=40.0, acc_all_seeds_off=40.0, acc_committed=40.0, host_params=1e5, diverged=False,
         acc_without_slot=40.0, interaction_sum=0.0, gradient_norm=1.0, gradient_health=1.0,
         gradient_ratio=0.5, has_vanishing=False, has_exploding=False,
     )
@@ -717,8 +709,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="permissive,strict,auto", help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--raw-cooldown", action="store_true",
                    help="let the original count cooldown epochs twice (SPEC §15 not aligned)")
-    p.add_argument("--ratio-ema", action="store_true",
-                   help="give our side the original's EMA-smoothed gradient ratio (see run_mode)")
     p.add_argument("--examples", action="store_true", help="print the earliest occurrence of each mismatch")
     args = p.parse_args(argv)
     o = load_original(args.esper_src)
@@ -726,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         if mode not in MODES:
             p.error(f"--modes: expected names from {tuple(MODES)}, got {mode!r}")
-        results.append(run_mode(o, mode, args.episodes, args.steps, args.seed, args.slots, not args.raw_cooldown, args.ratio_ema))
+        results.append(run_mode(o, mode, args.episodes, args.steps, args.seed, args.slots, not args.raw_cooldown))
     print(format_table(results))
     if args.examples:
         for r in results:

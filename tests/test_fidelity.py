@@ -120,10 +120,22 @@ def test_strict_g2_needs_improvement_and_ratio() -> None:
     """The same gate fails on a 0.4 pp improvement or a 0.09 gradient ratio."""
     for metrics in (dict(val_acc=40.4, gradient_ratio=0.2), dict(val_acc=41.0, gradient_ratio=0.09)):
         twin = Twin(gate_mode="strict")
-        twin.to_training()
+        twin.to_training(**metrics)
         for _ in range(10):
-            twin.step(**metrics)
+            twin.step()
         assert twin.step(Op.ADVANCE) == 0.0 and twin.stage() == Stage.TRAINING
+
+
+def test_strict_g2_reads_the_running_mean_of_the_gradient_ratio() -> None:
+    """The original's trainer feeds G2 ``seed_gradient_norm_ratio = 0.9 ema + 0.1 ratio``, started
+    by the seed's first measurement: nine epochs at 0.05 and one at 0.5 average 0.095 < 0.10."""
+    twin = Twin(gate_mode="strict")
+    twin.to_training(gradient_ratio=0.05)
+    for _ in range(8):
+        twin.step()
+    twin.step(gradient_ratio=0.5, val_acc=41.0)
+    assert twin.slot("gradient_ratio") == pytest.approx(0.9 * 0.05 + 0.1 * 0.5)
+    assert twin.step(Op.ADVANCE) == 0.0 and twin.stage() == Stage.TRAINING
 
 
 # 2 -------------------------------------------------------------------------------------------
@@ -160,16 +172,18 @@ def test_observation_has_freshness_before_seed_age() -> None:
 
 # 4 -------------------------------------------------------------------------------------------
 def test_no_counterfactual_for_fossilized_seeds() -> None:
-    """Original vectorized_trainer ablation schedule skips FOSSILIZED slots: contribution,
-    velocity and interactions keep their last values; freshness decays 0.995 per epoch."""
+    """Original vectorized_trainer ablation schedule skips FOSSILIZED slots: contribution and
+    velocity keep their last values; freshness decays 0.995 per epoch."""
     twin = Twin()
     twin.to_holding(**LINEAR_5)
     twin.step(acc_without_slot=38.0, interaction_sum=0.5)  # measured: c = 2
     assert twin.step(Op.FOSSILIZE) == 1.0 and twin.stage() == Stage.FOSSILIZED
-    last = {k: twin.slot(k) for k in ("contribution", "contribution_velocity", "interaction_sum")}
+    last = {k: twin.slot(k) for k in ("contribution", "contribution_velocity")}
     for _ in range(3):
         twin.step(acc_without_slot=30.0, interaction_sum=3.0)
     assert {k: twin.slot(k) for k in last} == last and last["contribution"] == pytest.approx(2.0)
+    # its interaction_sum reads 0: the original zeroes every live seed's before the ablations
+    assert twin.slot("interaction_sum") == 0.0
     assert twin.slot("epochs_since_measurement") == 4
     assert twin.obs(OBS_FRESHNESS) == pytest.approx(0.995**4)
 
@@ -286,3 +300,26 @@ def test_blueprint_index_of_an_empty_slot_is_minus_one() -> None:
     twin.step(Op.PRUNE, slot=1, alpha_speed=SPEED_INSTANT)
     assert twin.stage(1) == Stage.EMBARGOED
     assert twin.out["blueprint_index"].tolist() == [[-1, Blueprint.DEPTHWISE]]
+
+
+# found by scripts/compare_original.py -------------------------------------------------------
+def test_epoch_feature_is_the_one_based_host_epoch() -> None:
+    """Original trainer loops ``for epoch in range(1, max_epochs + 1)`` and its observation reads
+    that epoch: 1/max after the first host epoch; it trains none after its last decision."""
+    twin = Twin(max_epochs=3)
+    assert twin.out["observation"][0, 0].item() == pytest.approx(1 / 3)
+    twin.step()
+    assert twin.out["observation"][0, 0].item() == pytest.approx(2 / 3)
+    twin.step()
+    twin.step()  # the terminal observation
+    assert twin.out["observation"][0, 0].item() == 1.0
+
+
+def test_holding_count_includes_fossilized_seeds() -> None:
+    """Original ``batch_obs_to_features`` counts HOLDING and FOSSILIZED seeds together (base 15)."""
+    twin = Twin(n_slots=2)
+    twin.to_holding(**LINEAR_5)
+    assert twin.out["observation"][0, 15].item() == pytest.approx(1 / 2)
+    twin.step(acc_without_slot=38.0)
+    assert twin.step(Op.FOSSILIZE) == 1.0
+    assert twin.out["observation"][0, 15].item() == pytest.approx(1 / 2)

@@ -2,9 +2,8 @@
 
 Needs the original's source (tachyon-beep/esper-lite ``src/``) at ``$ESPER_LITE_SRC``; skipped
 without it (CI has none). The run test drives random mask-respecting episodes through both sides;
-the repro tests replay the minimal sequences of the differences the comparison found and are
-marked ``xfail(strict=True)`` while those stay open, so fixing one turns its test into an XPASS
-failure that asks for the marker to go.
+the repro tests replay the minimal sequences of the differences the comparison found (all fixed;
+each pins the original's outcome).
 """
 
 from __future__ import annotations
@@ -37,16 +36,6 @@ except ImportError as exc:  # no source path, or the original needs packages we 
 
 A, M = co.action_row, co.metrics_row
 
-# Differences found and still open (see the repro tests below); nothing else may differ.
-OPEN = {
-    "obs.epoch",  # test_epoch_feature_counts_the_first_decision_as_epoch_1
-    "obs.n_holding",  # test_holding_count_includes_fossilized_seeds
-    "interaction_sum",  # test_fossilized_seed_interaction_sum_is_zeroed
-    "obs.slot.interaction_sum",
-    "gradient_ratio",  # test_strict_g2_reads_the_ema_of_the_gradient_ratio
-}
-
-
 def _fields(found) -> set[str]:
     return {m.field for m in found}
 
@@ -55,10 +44,9 @@ def _fields(found) -> set[str]:
 @pytest.mark.parametrize("mode", ["permissive", "strict", "auto", "auto_g2", "auto_g3"])
 def test_random_episodes_differ_only_where_known(mode: str) -> None:
     """Random episodes (our masks, identical metric inputs): every lifecycle field, mask, success
-    and observation feature matches the original's, except SPEC §15 and the open differences.
-    The ratio EMA is fed to our side so strict-mode trajectories stay comparable."""
-    res = co.run_mode(ORIGINAL, mode, episodes=4, steps=60, seed=1, ratio_ema=True)
-    assert set(res.counts) <= OPEN, {k: res.counts[k] for k in set(res.counts) - OPEN}
+    and observation feature matches the original's, except SPEC §15."""
+    res = co.run_mode(ORIGINAL, mode, episodes=4, steps=60, seed=1)
+    assert not res.counts, dict(res.counts)
     assert res.n_env_steps == 4 * 61
     # the run reached the interesting stages (a vacuous run would pass trivially)
     assert res.sec15[co.SECTION15[2]] > 0  # seeds existed
@@ -66,11 +54,10 @@ def test_random_episodes_differ_only_where_known(mode: str) -> None:
 
 
 def test_a_plain_blend_to_holding_matches() -> None:
-    """GERMINATE, G1, 10 epochs, G2, a 5-tick linear ramp, G3: no difference but the epoch feature."""
+    """GERMINATE, G1, 10 epochs, G2, a 5-tick linear ramp, G3: no difference at all."""
     trace = [(None, M()), (A(Op.GERMINATE, style=0), M()), (A(Op.ADVANCE), M())]
     trace += [(A(), M())] * 10 + [(A(Op.ADVANCE), M())] + [(A(), M())] * 4 + [(A(Op.ADVANCE), M())]
-    found = co.replay(ORIGINAL, "permissive", trace)
-    assert _fields(found) == {"obs.epoch"}
+    assert not co.replay(ORIGINAL, "permissive", trace)
 
 
 def test_the_harness_sees_a_lifecycle_difference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,8 +70,8 @@ def test_the_harness_sees_a_lifecycle_difference(monkeypatch: pytest.MonkeyPatch
     assert {"op success", "stage", "alpha_target"} <= found
 
 
-# --- the open differences, one minimal repro each ---------------------------------------------
-@pytest.mark.xfail(strict=True, reason="open: ours observes epoch t/max at decision t, the original (t+1)/max")
+# --- the differences the harness found (now fixed), one minimal repro each ---------------------------------------------
+
 def test_epoch_feature_counts_the_first_decision_as_epoch_1() -> None:
     """Original trainer: ``for epoch in range(1, max_epochs + 1)``, the signal's epoch is the host
     epoch just trained, so the first observation has epoch 1/max (features.py obs[0])."""
@@ -98,13 +85,13 @@ def _fossilize_trace(**metrics):
     return trace
 
 
-@pytest.mark.xfail(strict=True, reason="open: the original's holding count includes FOSSILIZED seeds")
+
 def test_holding_count_includes_fossilized_seeds() -> None:
     """Original ``batch_obs_to_features``: base feature 15 counts HOLDING *or* FOSSILIZED slots."""
     assert "obs.n_holding" not in _fields(co.replay(ORIGINAL, "permissive", _fossilize_trace(acc_without_slot=38.0)))
 
 
-@pytest.mark.xfail(strict=True, reason="open: the original zeroes a FOSSILIZED seed's interaction_sum each epoch")
+
 def test_fossilized_seed_interaction_sum_is_zeroed() -> None:
     """Original vectorized_trainer: the val pass zeroes interaction_sum of every active seed
     before the ablations, and FOSSILIZED seeds get no pair terms, so theirs reads 0 from the
@@ -113,7 +100,7 @@ def test_fossilized_seed_interaction_sum_is_zeroed() -> None:
     assert not found & {"interaction_sum", "obs.slot.interaction_sum"}
 
 
-@pytest.mark.xfail(strict=True, reason="open: the original's strict G2 reads a 0.9/0.1 EMA of the gradient ratio")
+
 def test_strict_g2_reads_the_ema_of_the_gradient_ratio() -> None:
     """Original vectorized_trainer: ``seed_gradient_norm_ratio = 0.9 * ema + 0.1 * ratio`` per seed
     (reset when the seed goes), which ``QualityGates._check_g2`` (strict) compares with 0.10. Ten

@@ -367,12 +367,12 @@ def test_observation_history_padding_and_slot_block() -> None:
     obs = eng.observation()[0]
     assert obs[3:8].tolist() == pytest.approx([-1, -1, -1, -1, sl(1.0)])
     assert obs[8:13].tolist() == pytest.approx([-1, -1, -1, -1, 0.5])
-    assert obs[0] == 0.0 and obs[16] == 1.0 and obs[17:23].tolist() == [1, 0, 0, 0, 0, 0]
+    assert obs[0] == pytest.approx(1 / 150) and obs[16] == 1.0  # the first host epoch, 1-based and obs[17:23].tolist() == [1, 0, 0, 0, 0, 0]
     assert not obs[OBS_BASE:].any()  # empty slots are zeros
     step(eng, make_metrics(1, 2, val_acc=60.0, val_loss=0.5), op=Op.GERMINATE, slot=1,
          blueprint=Blueprint.NORM, tempo=2)
     obs = eng.observation()[0]
-    assert obs[0] == pytest.approx(1 / 150)
+    assert obs[0] == pytest.approx(2 / 150)
     assert obs[3:8].tolist() == pytest.approx([-1, -1, -1, sl(1.0), sl(0.5)])
     assert obs[8:13].tolist() == pytest.approx([-1, -1, -1, 0.5, 0.6])
     assert obs[17:23].tolist() == [0, 1, 0, 0, 0, 0]
