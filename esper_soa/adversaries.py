@@ -24,7 +24,7 @@ import torch
 from esper_soa.config import EngineConfig
 from esper_soa.heuristic import HeuristicConfig, _at, _first, allowed_or_wait
 from esper_soa.lifecycle import gate_g2, gate_g3
-from esper_soa.spec import Op, Stage, slot_widths
+from esper_soa.spec import HEAD_NAMES, Op, Stage, slot_widths
 from esper_soa.state import State
 
 FARMS = ("farm_blending", "farm_holding", "farm_late")
@@ -52,6 +52,16 @@ def adversary_config(name: str) -> AdversaryConfig:
     farm, size = name.rsplit("_", 1)
     stay = Stage.BLENDING if farm == "farm_blending" else Stage.HOLDING
     return AdversaryConfig(stay=stay, late_epochs=10 if farm == "farm_late" else 0, largest=size == "largest")
+
+
+def wait_action(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """WAIT on the first slot WAIT allows, every other head 0: the do-nothing controller."""
+    op = masks["op"]
+    zero = torch.zeros(op.shape[0], dtype=torch.int64, device=op.device)
+    action = {h: zero for h in HEAD_NAMES}
+    action["op"] = torch.full_like(zero, int(Op.WAIT))
+    action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
+    return action
 
 
 def adversary_step(

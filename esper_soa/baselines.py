@@ -13,11 +13,11 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from esper_soa.adversaries import ADVERSARIES, adversary_config, adversary_step
+from esper_soa.adversaries import ADVERSARIES, adversary_config, adversary_step, wait_action
 from esper_soa.env import MASK_KEYS, EsperEnv
 from esper_soa.heuristic import HeuristicConfig, HeuristicController
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES, Op
+from esper_soa.spec import HEAD_NAMES
 
 ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
 CONTROLLERS = ("random", "heuristic", "wait") + ADVERSARIES
@@ -80,11 +80,7 @@ class ScriptedPolicy(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
         if self.acfg is None:
-            op = masks["op"]
-            zero = torch.zeros(op.shape[0], dtype=torch.int64, device=op.device)
-            action = {h: zero for h in HEAD_NAMES}
-            action["op"] = torch.full_like(zero, int(Op.WAIT))
-            action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
+            action = wait_action(masks)
         else:
             action = adversary_step(self.engine.state.to_dict(), masks, self.acfg, self.cfg)
         for name, value in action.items():

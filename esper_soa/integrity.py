@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from esper_soa.adversaries import adversary_config, adversary_step, wait_action
 from esper_soa.baselines import CONTROLLERS
 from esper_soa.config import EngineConfig
 from esper_soa.engine import Engine
 from esper_soa.heuristic import HeuristicController
+from esper_soa.masks import sample_masked_action
 from esper_soa.spec import GAMMA, Stage
 
 NEVER_FOSSILIZE = ("wait", "farm_blending_largest", "farm_blending_smallest", "farm_holding_largest",
@@ -41,9 +43,6 @@ class Row:
 def run_controller(name: str, cfg: EngineConfig) -> Row:
     """One episode per env of ``name`` on the engine directly (no collector: the discounted return
     needs the per-step rewards)."""
-    from esper_soa.adversaries import adversary_config, adversary_step
-    from esper_soa.spec import Op
-
     eng = Engine(cfg)
     out = eng.reset()
     heuristic = HeuristicController(cfg, compile=False) if name == "heuristic" else None
@@ -51,11 +50,8 @@ def run_controller(name: str, cfg: EngineConfig) -> Row:
     acfg = adversary_config(name) if name not in ("random", "heuristic", "wait") else None
     ret = torch.zeros(cfg.n_envs, dtype=torch.float64)
     disc = torch.zeros(cfg.n_envs, dtype=torch.float64)
-    from esper_soa.engine import _masks_of
-    from esper_soa.masks import sample_masked_action
-
     for t in range(cfg.max_epochs):
-        masks = _masks_of(out)
+        masks = eng.masks
         state = eng.state.to_dict()
         if heuristic is not None:
             action = heuristic.act(state, masks)
@@ -64,12 +60,7 @@ def run_controller(name: str, cfg: EngineConfig) -> Row:
         elif name == "random":
             action = sample_masked_action(masks, gen)
         else:
-            action = {k: torch.zeros(cfg.n_envs, dtype=torch.int64) for k in masks if k != "slot_by_op"}
-            action["op"] = torch.full((cfg.n_envs,), int(Op.WAIT))
-            action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
-            action.update({k: torch.zeros(cfg.n_envs, dtype=torch.int64) for k in ("blueprint", "style", "tempo",
-                                                                                  "alpha_target", "alpha_speed",
-                                                                                  "alpha_curve")})
+            action = wait_action(masks)
         out = eng.step(action)
         r = out["reward"].squeeze(-1).double()
         ret += r
