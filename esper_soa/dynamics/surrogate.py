@@ -27,6 +27,7 @@ from esper_soa import rng
 from esper_soa.config import EngineConfig
 from esper_soa.spec import AlphaAlgorithm, Blueprint, SpecTables, Stage
 from esper_soa.state import State
+from esper_soa.validation import backend_config
 
 N_BLUEPRINTS = len(Blueprint)
 
@@ -173,10 +174,7 @@ class SurrogateDynamics:
 
     def __init__(self, cfg: EngineConfig, scfg: SurrogateConfig | None = None) -> None:
         if scfg is None:
-            given = cfg.dynamics_config
-            if isinstance(given, dict):
-                given = SurrogateConfig(**given)
-            scfg = given if isinstance(given, SurrogateConfig) else SurrogateConfig()
+            scfg = backend_config("EngineConfig.dynamics_config", cfg.dynamics_config, SurrogateConfig)
         self.cfg = cfg
         self.scfg = scfg
         self.n_slots = cfg.n_slots
