@@ -473,8 +473,8 @@ class BatchedHostsDynamics:
     compilable = False  # advance runs autograd and groups envs by blueprint on the host
 
     def __init__(self, cfg: EngineConfig, hcfg: HostsConfig | None = None) -> None:
-        if hcfg is None:
-            hcfg = backend_config("EngineConfig.dynamics_config", cfg.dynamics_config, HostsConfig)
+        given = cfg.dynamics_config if hcfg is None else hcfg
+        hcfg = backend_config("EngineConfig.dynamics_config", given, HostsConfig)
         if cfg.topology != "cnn":
             raise ValueError(f"BatchedHostsDynamics: topology must be 'cnn' (CNN hosts), got {cfg.topology!r}")
         if cfg.n_slots > MAX_SLOTS or cfg.n_slots > len(hcfg.channels):

@@ -173,8 +173,8 @@ class SurrogateDynamics:
     seed_params_table = None  # seeds are priced by the spec's blueprint table
 
     def __init__(self, cfg: EngineConfig, scfg: SurrogateConfig | None = None) -> None:
-        if scfg is None:
-            scfg = backend_config("EngineConfig.dynamics_config", cfg.dynamics_config, SurrogateConfig)
+        given = cfg.dynamics_config if scfg is None else scfg
+        scfg = backend_config("EngineConfig.dynamics_config", given, SurrogateConfig)
         self.cfg = cfg
         self.scfg = scfg
         self.n_slots = cfg.n_slots
