@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from esper_soa.cli import RolloutStats, collect_baseline, final_stats, run_collector
 from esper_soa.config import EngineConfig
+from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.engine import Engine
 from esper_soa.env import MASK_KEYS, EsperEnv
 from esper_soa.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
@@ -231,9 +232,10 @@ def _scalar(x: torch.Tensor | float | int | bool) -> float | int | bool | None:
 # --- the trainer ----------------------------------------------------------------------------
 class Trainer:
     """One PPO run: owns the engine (or TorchRL env + Collector), the model, the loss, the
-    optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``."""
+    optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``.
+    ``dynamics`` overrides the backend ``cfg.engine`` names (e.g. a fault-injecting wrapper)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, dynamics: DynamicsBackend | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.engine.torch_device
         torch.manual_seed(cfg.seed)
@@ -248,10 +250,10 @@ class Trainer:
         self._carry: TensorDict | None = None  # policy inputs of the next step (engine path)
         self._collector = None
         if cfg.collector == "engine":
-            self.engine = Engine(cfg.engine)
+            self.engine = Engine(cfg.engine, dynamics)
             self.loss.make_value_estimator(value_network=None)  # values come with the rollout
         else:
-            env = EsperEnv(cfg.engine)
+            env = EsperEnv(cfg.engine, dynamics)
             self.engine = env.engine
             self.env = TransformedEnv(env, Compose(RewardSum(), *self.model.env_transforms()))
             self.loss.make_value_estimator()
@@ -606,9 +608,11 @@ def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple
     return diff
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: str | Path | None = None, dynamics: DynamicsBackend | None = None
+) -> TrainResult:
     """Train (or resume from a checkpoint) until ``cfg.updates`` updates are done."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dynamics)
     if resume is not None:
         trainer.load(resume)
     return trainer.run()
