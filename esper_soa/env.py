@@ -25,6 +25,7 @@ from esper_soa.spec import HEAD_NAMES, Blueprint, Op, head_sizes
 
 MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
 DONE_KEYS = ("done", "terminated", "truncated")
+LOG_PROB_SUFFIXES = ("_log_prob", "_entropy")
 
 
 class LiveMaskCategorical(Categorical):
@@ -263,7 +264,10 @@ class EsperEnv(EnvBase):
                 f"EsperEnv.step: expected an 'action' entry holding one tensor per head {HEAD_NAMES} "
                 f"(('action', 'op'), ('action', 'slot'), ...), got {got}"
             )
-        return self._output(self.engine.step(dict(action.items())))
+        # TorchRL's composite distributions write per-head ("action", "<head>_log_prob") entries
+        # beside the heads: those are not action heads; any other extra key is refused
+        heads = {k: v for k, v in action.items() if not (isinstance(k, str) and k.endswith(LOG_PROB_SUFFIXES))}
+        return self._output(self.engine.step(heads))
 
     def _set_seed(self, seed: int | None) -> None:
         seed = 0 if seed is None else int(seed)
