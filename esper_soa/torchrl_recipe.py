@@ -123,23 +123,27 @@ class EsperActionDistribution(CompositeDistribution):
         self.entropy_key = entropy_key
         self.aggregate_probabilities = None
 
-    def _draw(self, pick) -> TensorDictBase:
-        """Op first, then the slot under ``slot_by_op[op]``, then the other heads."""
-        op = pick(self.dists[_OP])
-        out = {_OP: op, _SLOT: pick(self.dists[_SLOT].given(op))}
-        out.update({k: pick(d) for k, d in self.dists.items() if k not in out})
+    def _draw(self, shape: torch.Size | None) -> TensorDictBase:
+        """Op first, then the slot under ``slot_by_op[op]``, then the other heads; ``shape``
+        None: the modes."""
+
+        def pick(dist: D.Distribution, extra: torch.Size) -> torch.Tensor:
+            return dist.mode if shape is None else dist.sample(extra)
+
+        op = pick(self.dists[_OP], shape)
+        out = {_OP: op, _SLOT: pick(self.dists[_SLOT].given(op), torch.Size())}  # op carries the sample dims
+        out.update({k: pick(d, shape) for k, d in self.dists.items() if k not in out})
         return TensorDict({k: out[k] for k in ACTION_KEYS}, op.shape)
 
     def sample(self, shape: Sequence[int] | None = None) -> TensorDictBase:
-        shape = torch.Size(shape or ())
-        return self._draw(lambda d: d.sample(shape))
+        return self._draw(torch.Size(shape or ()))
 
     def rsample(self, shape: Sequence[int] | None = None) -> TensorDictBase:
         raise NotImplementedError("EsperActionDistribution is discrete: no reparameterised samples")
 
     @property
     def mode(self) -> TensorDictBase:
-        return self._draw(lambda d: d.mode)
+        return self._draw(None)
 
     @property
     def deterministic_sample(self) -> TensorDictBase:
