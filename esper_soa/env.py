@@ -9,7 +9,7 @@ to date. Partial resets go through the ``"_reset"`` key and ``torch.where`` insi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -161,6 +161,11 @@ class EsperEnv(EnvBase):
     def __init__(
         self, cfg: EngineConfig | None = None, dynamics: DynamicsBackend | None = None, **overrides
     ) -> None:
+        if cfg is not None and not isinstance(cfg, EngineConfig):
+            raise ValueError(f"EsperEnv(cfg): expected an EngineConfig or None, got {type(cfg).__name__}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(EngineConfig)})
+        if unknown:
+            raise ValueError(f"EsperEnv: expected EngineConfig fields as keyword overrides, got unknown {unknown}")
         cfg = replace(cfg or EngineConfig(), **overrides)
         device = cfg.torch_device
         super().__init__(device=device, batch_size=torch.Size([cfg.n_envs]))
@@ -248,7 +253,9 @@ class EsperEnv(EnvBase):
         e = self.cfg.n_envs
         if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) not in ((e,), (e, 1)):
             got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
-            raise ValueError(f"EsperEnv reset: expected '_reset' as a bool tensor of shape ({e},) or ({e}, 1), got {got}")
+            raise ValueError(
+                f"EsperEnv reset: expected '_reset' as a bool tensor of shape ({e},) or ({e}, 1), got {got}"
+            )
         return rows.reshape(e)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
@@ -259,7 +266,8 @@ class EsperEnv(EnvBase):
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get("action", None)
         if not isinstance(action, TensorDictBase):
-            got = "no 'action' entry" if action is None else f"{type(action).__name__} {tuple(getattr(action, 'shape', ()))}"
+            shape = tuple(getattr(action, "shape", ()))
+            got = "no 'action' entry" if action is None else f"{type(action).__name__} {shape}"
             raise ValueError(
                 f"EsperEnv.step: expected an 'action' entry holding one tensor per head {HEAD_NAMES} "
                 f"(('action', 'op'), ('action', 'slot'), ...), got {got}"

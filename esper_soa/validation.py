@@ -5,10 +5,10 @@ Scalar checks (``expect_int``, ``expect_bool``, ``expect_float``, ``expect_choic
 config dataclasses and the engine's entry points: bools are not ints, floats must be finite, and
 numpy scalars are accepted and converted to Python ones.
 
-Action validation (SPEC §4 step 1): metadata checks (keys, shape, dtype, device) are free and always run. Value checks (range,
-masks) read the tensors back to the host, so they run only when ``check_values`` is set
-(``EngineConfig.validate_actions``); with it off, the compiled step executes any invalid or
-out-of-range action as WAIT with ``last_action_success = 0``.
+Action validation (SPEC §4 step 1): metadata checks (keys, shape, dtype, device) are free and
+always run. Value checks (range, masks) read the tensors back to the host, so they run only when
+``check_values`` is set (``EngineConfig.validate_actions``); with it off, the compiled step
+executes any invalid or out-of-range action as WAIT with ``last_action_success = 0``.
 """
 
 from __future__ import annotations

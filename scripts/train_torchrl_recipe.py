@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         done = batch["next", "done"]
         returns.append(batch["next", "episode_reward"][done].mean().item())
         with torch.no_grad():
-            loss.value_estimator(batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params)
+            loss.value_estimator(batch)
         buffer.empty()
         buffer.extend(batch.reshape(-1))
         for _ in range(args.ppo_epochs):

@@ -97,6 +97,8 @@ CASES = [
     ("env.reset _reset [E, 2]", lambda: _env().reset(TensorDict({"_reset": torch.ones(E, 2, dtype=torch.bool)}, batch_size=[E])),
      r"'_reset' as a bool tensor of shape \(2,\) or \(2, 1\), got torch\.bool \(2, 2\)"),
     ("env.set_seed(-1)", lambda: _env().set_seed(-1), r"set_seed\(seed\): expected an int in \[0, .*got -1"),
+    ("EsperEnv(unknown=1)", lambda: EsperEnv(n_env=2), r"EsperEnv: expected EngineConfig fields .*got unknown \['n_env'\]"),
+    ("EsperEnv(cfg=dict)", lambda: EsperEnv({"n_envs": 2}), r"EsperEnv\(cfg\): expected an EngineConfig or None, got dict"),
     # TrainConfig
     ("checkpoint_every='2'", lambda: TrainConfig(checkpoint_every="2"), r"TrainConfig\.checkpoint_every: expected an int >= 0, got '2'"),
     ("lr=inf", lambda: TrainConfig(lr=float("inf")), r"TrainConfig\.lr: expected a finite number > 0\.0, got inf"),

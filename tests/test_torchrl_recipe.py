@@ -96,7 +96,7 @@ def test_recipe_trains_with_gae_and_a_replay_buffer() -> None:
     before = [p.detach().clone() for p in loss.parameters()]
     for i, batch in enumerate(collector):
         with torch.no_grad():
-            loss.value_estimator(batch, params=loss.critic_network_params, target_params=loss.target_critic_network_params)
+            loss.value_estimator(batch)
         buffer.extend(batch.reshape(-1))
         for j in range(3):
             out = loss(buffer.sample())
