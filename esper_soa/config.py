@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from esper_soa.spec import OBS_BASE, OBS_SLOT, TOPOLOGY_BLUEPRINTS
+from esper_soa.validation import bad_value, expect_bool, expect_choice, expect_int
 
 GATE_MODES = ("permissive", "strict")
 REWARD_MODES = ("committed", "shaped", "sparse", "minimal", "simplified")
 MAX_SLOTS = 16
+DYNAMICS = ("surrogate", "hosts")
+MAX_SEED = 2**63 - 1  # seeds are folded into the RNG as int64
+
+
+def _is_dataclass_instance(value: object) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 @dataclass(frozen=True)
@@ -44,33 +53,43 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str, got: object) -> ValueError:
-            return ValueError(f"EngineConfig.{name}: expected {expected}, got {got!r}")
+            return bad_value(f"EngineConfig.{name}", expected, got)
 
-        if not isinstance(self.n_envs, int) or self.n_envs < 1:
-            raise bad("n_envs", "an int >= 1", self.n_envs)
-        if not isinstance(self.n_slots, int) or not 1 <= self.n_slots <= MAX_SLOTS:
-            raise bad("n_slots", f"an int in 1..{MAX_SLOTS}", self.n_slots)
-        if self.topology not in TOPOLOGY_BLUEPRINTS:
-            raise bad("topology", f"one of {tuple(TOPOLOGY_BLUEPRINTS)}", self.topology)
-        if not isinstance(self.max_epochs, int) or self.max_epochs < 1:
-            raise bad("max_epochs", "an int >= 1", self.max_epochs)
-        if self.gate_mode not in GATE_MODES:
-            raise bad("gate_mode", f"one of {GATE_MODES}", self.gate_mode)
-        if self.reward_mode not in REWARD_MODES:
-            raise bad("reward_mode", f"one of {REWARD_MODES}", self.reward_mode)
-        if not isinstance(self.max_seeds, int) or self.max_seeds < 0:
-            raise bad("max_seeds", "an int >= 0 (0 = no limit)", self.max_seeds)
+        def setint(name: str, low: int, high: int | None = None) -> None:
+            object.__setattr__(self, name, expect_int(f"EngineConfig.{name}", getattr(self, name), low, high))
+
+        setint("n_envs", 1)
+        setint("n_slots", 1, MAX_SLOTS)
+        expect_choice("EngineConfig.topology", self.topology, tuple(TOPOLOGY_BLUEPRINTS))
+        setint("max_epochs", 1)
+        expect_choice("EngineConfig.gate_mode", self.gate_mode, GATE_MODES)
+        expect_choice("EngineConfig.reward_mode", self.reward_mode, REWARD_MODES)
+        setint("max_seeds", 0)
+        setint("seed", 0, MAX_SEED)
+        for name in ("auto_forward_g1", "auto_forward_g2", "auto_forward_g3", "compile", "validate_actions"):
+            object.__setattr__(self, name, expect_bool(f"EngineConfig.{name}", getattr(self, name)))
         if self.enabled_slots is not None:
-            if len(self.enabled_slots) != self.n_slots or not any(self.enabled_slots):
-                raise bad(
-                    "enabled_slots",
-                    f"{self.n_slots} booleans with at least one True",
-                    self.enabled_slots,
-                )
+            slots = self.enabled_slots
+            expected = f"None or {self.n_slots} bools with at least one True"
+            if not isinstance(slots, (tuple, list)) or len(slots) != self.n_slots or not any(slots):
+                raise bad("enabled_slots", expected, slots)
+            if not all(isinstance(v, bool) for v in slots):
+                raise bad("enabled_slots", expected, slots)
+            object.__setattr__(self, "enabled_slots", tuple(slots))
+        expect_choice("EngineConfig.dynamics", self.dynamics, DYNAMICS)
+        given = self.dynamics_config
+        if given is not None and not isinstance(given, Mapping) and not _is_dataclass_instance(given):
+            raise bad("dynamics_config", "None, the backend's config dataclass or a dict of its fields", given)
+        if not isinstance(self.device, (str, torch.device)):
+            raise bad("device", "a torch device or its name ('cpu', 'cuda:0', ...)", self.device)
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
             raise bad("device", "a torch device", self.device) from exc
+        try:
+            self.torch_device  # noqa: B018 (builds a tensor there: fails now, not at the first step)
+        except (RuntimeError, AssertionError) as exc:
+            raise bad("device", f"a device this torch build can use ({exc})", self.device) from exc
 
     @functools.cached_property
     def torch_device(self) -> torch.device:

@@ -13,7 +13,7 @@ import torch
 from tensordict import TensorDict
 
 from esper_soa.alpha import hold_at
-from esper_soa.config import EngineConfig
+from esper_soa.config import MAX_SEED, EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
 from esper_soa.masks import compute_masks
@@ -22,7 +22,7 @@ from esper_soa.rng import episode_seed
 from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
 from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows, update
 from esper_soa.transition import act, emit
-from esper_soa.validation import validate_action
+from esper_soa.validation import expect_int, validate_action
 
 DIVERGENCE_PENALTY = -10.0
 
@@ -90,17 +90,18 @@ class Engine:
 
     def set_seed(self, seed: int) -> None:
         """Restart every env's random streams from ``seed`` (takes effect at the next reset)."""
-        self.base_seed = int(seed)
+        self.base_seed = expect_int("Engine.set_seed(seed)", seed, 0, MAX_SEED)
         self.episode = torch.zeros_like(self.episode)
 
     def reset(self, rows: torch.Tensor | None = None) -> TensorDict:
         """Start new episodes for the envs in ``rows`` ([E] bool; default all) and observe all."""
         if rows is None:
             rows = torch.ones(self.cfg.n_envs, dtype=torch.bool, device=self.device)
-        if rows.shape != (self.cfg.n_envs,) or rows.dtype != torch.bool or rows.device != self.device:
+        ok = isinstance(rows, torch.Tensor)
+        if not ok or rows.shape != (self.cfg.n_envs,) or rows.dtype != torch.bool or rows.device != self.device:
+            got = f"{rows.dtype} {tuple(rows.shape)} on {rows.device}" if ok else type(rows).__name__
             raise ValueError(
-                f"reset rows: expected a bool tensor of shape ({self.cfg.n_envs},) on {self.device}, "
-                f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}"
+                f"reset rows: expected a bool tensor of shape ({self.cfg.n_envs},) on {self.device}, got {got}"
             )
         keys = episode_seed(self.base_seed, self.env_index, self.episode)
         self._state, self.aux, out = _bool_masks(self._reset_fn(self._state, self.aux, rows, keys))
@@ -113,8 +114,8 @@ class Engine:
         """One decision + one host epoch for every env (SPEC §4). Does not auto-reset."""
         if not self._started:
             raise RuntimeError("Engine.step called before Engine.reset()")
-        action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
         validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
+        action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
         self._state, self.aux, out = _bool_masks(self._step_fn(self._state, self.aux, action))
         self.masks = _masks_of(out)
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)

@@ -8,28 +8,34 @@ to date. Partial resets go through the ``"_reset"`` key and ``torch.where`` insi
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
-from torchrl.envs import EnvBase
+from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, Transform, TransformedEnv
 
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.engine import Engine
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, Blueprint, head_sizes
+from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, Blueprint, Op, head_sizes
 
 MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
 DONE_KEYS = ("done", "terminated", "truncated")
+LOG_PROB_SUFFIXES = ("_log_prob", "_entropy")
 
 
 class LiveMaskCategorical(Categorical):
     """A ``Categorical`` head whose mask is read from the engine whenever it is used.
 
     The masks change every step; reading them live keeps the base env's spec and every clone a
-    ``TransformedEnv`` makes of it up to date, without copies or per-step spec writes.
+    ``TransformedEnv`` makes of it up to date, without copies or per-step spec writes. An
+    expanded copy (the spec a ``SerialEnv``/``ParallelEnv`` builds from its workers' metadata)
+    cannot see the workers' engines, so it drops the live mask; :class:`EsperActionMask` then
+    keeps a static one up to date from the batched env's outputs.
     """
 
     def __init__(self, n: int, shape=None, device=None, dtype=torch.int64, mask=None, *, mask_fn=None) -> None:
@@ -50,6 +56,93 @@ class LiveMaskCategorical(Categorical):
             return super().clone()
         return type(self)(self.space.n, self.shape, self.device, self.dtype, mask_fn=self._mask_fn)
 
+    def expand(self, *shape) -> Categorical:
+        shape = torch.Size(shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape)
+        if self._mask_fn is None or shape == self.shape:
+            return super().expand(shape) if shape != self.shape else self.clone()
+        return type(self)(self.space.n, shape, self.device, self.dtype)  # another batch: no live mask
+
+
+class EsperActionSpec(Composite):
+    """The eight action heads; ``rand()`` samples op first, then a slot that op allows (SPEC §9).
+
+    The per-head masks are the leaves' masks; the op-conditioned slot mask ``slot_by_op``
+    (``[*shape, 6, S]``) is read live from the engine (``slot_by_op_fn``) or set statically
+    (``set_masks``, used by :class:`EsperActionMask` on batched envs).
+    """
+
+    slot_by_op_fn = None
+    slot_by_op = None
+
+    def _copy_masks(self, out: Composite) -> EsperActionSpec:
+        if not isinstance(out, EsperActionSpec):
+            out = EsperActionSpec(dict(out.items()), shape=out.shape, device=out.device)
+        if out.shape == self.shape:
+            out.slot_by_op_fn, out.slot_by_op = self.slot_by_op_fn, self.slot_by_op
+        return out
+
+    def clone(self) -> EsperActionSpec:
+        return self._copy_masks(super().clone())
+
+    def to(self, dest) -> EsperActionSpec:
+        return self._copy_masks(super().to(dest))
+
+    def expand(self, *shape) -> EsperActionSpec:
+        return self._copy_masks(super().expand(*shape))
+
+    def set_masks(self, masks: TensorDictBase | dict[str, torch.Tensor]) -> None:
+        """Static masks (the env's ``masks`` entry) for every head and for ``slot_by_op``."""
+        for name in HEAD_NAMES:
+            self[name].update_mask(masks[name] if name != "slot" else masks["slot_by_op"].any(-2))
+        self.slot_by_op = masks["slot_by_op"]
+
+    def current_masks(self) -> dict[str, torch.Tensor]:
+        """The masks ``rand`` samples under, as the env's ``masks`` entry names them."""
+        by_op = self.slot_by_op_fn() if self.slot_by_op_fn is not None else self.slot_by_op
+        masks = {name: self[name].mask for name in HEAD_NAMES if name != "slot"}
+        if by_op is None or any(m is None for m in masks.values()):
+            raise RuntimeError(
+                "EsperActionSpec.rand: expected live or set masks, got none (a batched env's spec is a copy "
+                "that cannot see its workers' engines: wrap it as TransformedEnv(batched_env, EsperActionMask()))"
+            )
+        return {**masks, "slot_by_op": by_op}
+
+    def rand(self, shape: torch.Size | None = None) -> TensorDictBase:
+        shape = torch.Size(shape or ())
+        masks = {k: m.expand(*shape, *m.shape) for k, m in self.current_masks().items()}
+        action = sample_masked_action(masks)
+        return TensorDict(action, batch_size=[*shape, *self.shape], device=self.device)
+
+
+class EsperActionMask(Transform):
+    """Keeps a (batched) env's action spec masks equal to the ``masks`` it just returned.
+
+    TorchRL's ``ActionMask`` for the Esper action: needed on ``SerialEnv``/``ParallelEnv`` of
+    :class:`EsperEnv`, whose specs are copies made from worker metadata (the base env's own spec
+    reads the engine live). Then ``rand_action``, ``check_env_specs``, ``Collector(policy=None)``
+    and ``RandomPolicy`` draw valid actions, op first.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(in_keys=[], out_keys=[])
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        spec = self.container.full_action_spec["action"]
+        spec.set_masks(next_tensordict.get("masks"))
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return self._call(tensordict_reset)
+
+
+def make_batched_env(
+    num_workers: int, make_env: Callable[[], EsperEnv], parallel: bool = False, **kwargs: Any
+) -> TransformedEnv:
+    """``SerialEnv`` (or ``ParallelEnv``) of ``num_workers`` :class:`EsperEnv` with the action masks
+    kept on its spec (:class:`EsperActionMask`); ``kwargs`` go to the batched env."""
+    batched = (ParallelEnv if parallel else SerialEnv)(num_workers, make_env, **kwargs)
+    return TransformedEnv(batched, EsperActionMask())
+
 
 class EsperEnv(EnvBase):
     """Batched Esper seed-lifecycle environment (one RL step = one host epoch).
@@ -68,6 +161,11 @@ class EsperEnv(EnvBase):
     def __init__(
         self, cfg: EngineConfig | None = None, dynamics: DynamicsBackend | None = None, **overrides
     ) -> None:
+        if cfg is not None and not isinstance(cfg, EngineConfig):
+            raise ValueError(f"EsperEnv(cfg): expected an EngineConfig or None, got {type(cfg).__name__}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(EngineConfig)})
+        if unknown:
+            raise ValueError(f"EsperEnv: expected EngineConfig fields as keyword overrides, got unknown {unknown}")
         cfg = replace(cfg or EngineConfig(), **overrides)
         device = cfg.torch_device
         super().__init__(device=device, batch_size=torch.Size([cfg.n_envs]))
@@ -82,20 +180,18 @@ class EsperEnv(EnvBase):
         e, s, dev = self.cfg.n_envs, self.cfg.n_slots, self.device
         sizes = head_sizes(s)
         masks = self.engine.masks
-        self.action_spec = Composite(
-            action=Composite(
-                {
-                    name: LiveMaskCategorical(
-                        sizes[name], shape=(e,), dtype=torch.int64, device=dev, mask_fn=self._head_mask(name)
-                    )
-                    for name in HEAD_NAMES
-                },
-                shape=(e,),
-                device=dev,
-            ),
+        heads = EsperActionSpec(
+            {
+                name: LiveMaskCategorical(
+                    sizes[name], shape=(e,), dtype=torch.int64, device=dev, mask_fn=self._head_mask(name)
+                )
+                for name in HEAD_NAMES
+            },
             shape=(e,),
             device=dev,
         )
+        heads.slot_by_op_fn = lambda: self.engine.masks["slot_by_op"]
+        self.action_spec = Composite(action=heads, shape=(e,), device=dev)
         self.observation_spec = Composite(
             observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
             blueprint_index=Bounded(EMPTY_BLUEPRINT_INDEX, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
@@ -103,6 +199,8 @@ class EsperEnv(EnvBase):
             # committed accuracy (non-fossil seeds off) of the state just reached
             committed_gain=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
             acc_committed=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
+            executed_op=Categorical(len(Op), shape=(e,), dtype=torch.int64, device=dev),
+            success=Categorical(2, shape=(e,), dtype=torch.bool, device=dev),
             masks=Composite(
                 {k: Binary(n=masks[k].shape[-1], shape=masks[k].shape, dtype=torch.bool, device=dev) for k in MASK_KEYS},
                 shape=(e,),
@@ -127,12 +225,23 @@ class EsperEnv(EnvBase):
 
     # --- EnvBase hooks --------------------------------------------------------------------
     def _output(self, out: TensorDict) -> TensorDict:
+        """TorchRL's keys for an engine output; ``executed_op``/``success`` say what the step
+        actually did (an invalid action runs as WAIT with ``success`` False when
+        ``validate_actions`` is off); a reset reports WAIT, succeeded."""
+        executed = out.get("executed_op", None)
+        if executed is None:
+            executed = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
+            success = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        else:
+            success = out["success"] > 0
         td = TensorDict(
             {
                 "observation": out["observation"],
                 "blueprint_index": out["blueprint_index"],
                 "committed_gain": out["committed_gain"],
                 "acc_committed": out["acc_committed"],
+                "executed_op": executed,
+                "success": success,
                 "masks": TensorDict({k: out[f"mask_{k}"] for k in MASK_KEYS}, batch_size=self.batch_size),
                 "reward": out["reward"],
                 **{k: out[k] for k in DONE_KEYS},
@@ -142,17 +251,37 @@ class EsperEnv(EnvBase):
         )
         return td
 
+    def _reset_rows(self, tensordict: TensorDictBase | None) -> torch.Tensor | None:
+        """The ``"_reset"`` entry as ``[E]`` bool (``[E]`` or ``[E, 1]`` accepted), or None."""
+        if tensordict is None or "_reset" not in tensordict.keys():
+            return None
+        rows = tensordict.get("_reset")
+        e = self.cfg.n_envs
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) not in ((e,), (e, 1)):
+            got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(
+                f"EsperEnv reset: expected '_reset' as a bool tensor of shape ({e},) or ({e}, 1), got {got}"
+            )
+        return rows.reshape(e)
+
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
-        rows = None
-        if tensordict is not None and "_reset" in tensordict.keys():
-            rows = tensordict.get("_reset").reshape(self.cfg.n_envs)
-        td = self._output(self.engine.reset(rows))
+        td = self._output(self.engine.reset(self._reset_rows(tensordict)))
         del td["reward"]
         return td
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get("action")
-        return self._output(self.engine.step({k: action.get(k) for k in HEAD_NAMES}))
+        action = tensordict.get("action", None)
+        if not isinstance(action, TensorDictBase):
+            shape = tuple(getattr(action, "shape", ()))
+            got = "no 'action' entry" if action is None else f"{type(action).__name__} {shape}"
+            raise ValueError(
+                f"EsperEnv.step: expected an 'action' entry holding one tensor per head {HEAD_NAMES} "
+                f"(('action', 'op'), ('action', 'slot'), ...), got {got}"
+            )
+        # TorchRL's composite distributions write per-head ("action", "<head>_log_prob") entries
+        # beside the heads: those are not action heads; any other extra key is refused
+        heads = {k: v for k, v in action.items() if not (isinstance(k, str) and k.endswith(LOG_PROB_SUFFIXES))}
+        return self._output(self.engine.step(heads))
 
     def _set_seed(self, seed: int | None) -> None:
         seed = 0 if seed is None else int(seed)

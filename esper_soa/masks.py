@@ -87,11 +87,11 @@ def _sample(mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 def sample_masked_action(
     masks: dict[str, torch.Tensor], generator: torch.Generator | None = None
 ) -> dict[str, torch.Tensor]:
-    """A uniformly random valid action per env: op first, then a slot the op allows, then the
-    other heads from their masks (SPEC §9 hierarchical sampling)."""
+    """A uniformly random valid action per env (any batch shape ``[...]``): op first, then a slot
+    the op allows, then the other heads from their masks (SPEC §9 hierarchical sampling)."""
     op = _sample(masks["op"], generator)
     n_slots = masks["slot_by_op"].shape[-1]
-    slot_mask = masks["slot_by_op"].gather(1, op[:, None, None].expand(-1, 1, n_slots)).squeeze(1)
+    slot_mask = masks["slot_by_op"].gather(-2, op[..., None, None].expand(*op.shape, 1, n_slots)).squeeze(-2)
     action = {"op": op, "slot": _sample(slot_mask, generator)}
     for name in ("blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve"):
         action[name] = _sample(masks[name], generator)

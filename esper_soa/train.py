@@ -24,8 +24,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ from tqdm.auto import tqdm
 
 from esper_soa.cli import EPISODE_METRICS, RolloutStats, collect_baseline, final_stats, run_collector, stats_from_samples
 from esper_soa.config import EngineConfig
+from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.engine import Engine
 from esper_soa.env import MASK_KEYS, EsperEnv
 from esper_soa.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
 from esper_soa.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
 from esper_soa.spec import GAMMA, HEAD_NAMES, Op
+from esper_soa.validation import expect_bool, expect_choice, expect_float, expect_int
 
 COLLECTORS = ("engine", "torchrl")
 TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
@@ -103,33 +106,42 @@ class TrainConfig:
 
         if not isinstance(self.engine, EngineConfig):
             raise bad("engine", "an EngineConfig")
+
+        def check(name: str, expect: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            object.__setattr__(self, name, expect(f"TrainConfig.{name}", getattr(self, name), *args, **kwargs))
+
         for name in ("updates", "ppo_epochs", "minibatches", "hidden", "depth", "lstm_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise bad(name, "an int >= 1")
-        if self.rollout_len is not None and (not isinstance(self.rollout_len, int) or self.rollout_len < 1):
-            raise bad("rollout_len", "None or an int >= 1")
-        if self.collector not in COLLECTORS:
-            raise bad("collector", f"one of {COLLECTORS}")
-        if self.recurrent not in (None, "lstm"):
-            raise bad("recurrent", "None or 'lstm'")
+            check(name, expect_int, 1)
+        check("seed", expect_int, 0)
+        check("checkpoint_every", expect_int, 0)
+        if self.rollout_len is not None:
+            check("rollout_len", expect_int, 1)
+        for name in ("normalize_advantage", "normalize_obs", "normalize_reward", "normalize_value", "progress"):
+            check(name, expect_bool)
+        expect_choice("TrainConfig.collector", self.collector, COLLECTORS)
+        expect_choice("TrainConfig.recurrent", self.recurrent, (None, "lstm"))
         units = self.engine.n_envs if self.recurrent else self.engine.n_envs * self.steps_per_update
         if self.minibatches > units:
             raise bad("minibatches", f"at most {units} (the {'env rows' if self.recurrent else 'frames'} of a rollout)")
-        if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lmbda <= 1.0:
-            raise bad("gamma", "gamma in (0, 1] and lmbda in [0, 1]")
+        check("gamma", expect_float, 0.0, 1.0, low_open=True)
+        check("lmbda", expect_float, 0.0, 1.0)
         positive = ("clip_epsilon", "lr", "adam_eps", "max_grad_norm", "obs_clip", "reward_clip", "advantage_std_floor")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise bad(name, "a positive number")
+            check(name, expect_float, 0.0, low_open=True)
         for name in ("entropy_coef", "critic_coef", "forced_value_weight"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, "a number >= 0")
-        if self.target_kl is not None and not self.target_kl > 0:
-            raise bad("target_kl", "None or a positive number")
-        if {h for h, _ in self.entropy_multipliers} != set(HEAD_NAMES):
+            check(name, expect_float, 0.0)
+        if self.target_kl is not None:
+            check("target_kl", expect_float, 0.0, low_open=True)
+        pairs = self.entropy_multipliers
+        if not isinstance(pairs, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise bad("entropy_multipliers", f"(head, multiplier) pairs, one per head {HEAD_NAMES}")
+        if sorted(h for h, _ in pairs) != sorted(HEAD_NAMES):
             raise bad("entropy_multipliers", f"one (head, multiplier) pair per head {HEAD_NAMES}")
-        if self.checkpoint_every < 0 or (self.checkpoint_every and self.log_dir is None):
+        multipliers = tuple((h, expect_float(f"TrainConfig.entropy_multipliers[{h!r}]", m, 0.0)) for h, m in pairs)
+        object.__setattr__(self, "entropy_multipliers", multipliers)
+        if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
+            raise bad("log_dir", "None or a path (str or os.PathLike)")
+        if self.checkpoint_every and self.log_dir is None:
             raise bad("checkpoint_every", "0, or an int >= 1 together with log_dir")
 
     @property
@@ -220,9 +232,10 @@ def _scalar(x: torch.Tensor | float | int | bool) -> float | int | bool | None:
 # --- the trainer ----------------------------------------------------------------------------
 class Trainer:
     """One PPO run: owns the engine (or TorchRL env + Collector), the model, the loss, the
-    optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``."""
+    optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``.
+    ``dynamics`` overrides the backend ``cfg.engine`` names (e.g. a fault-injecting wrapper)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, dynamics: DynamicsBackend | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.engine.torch_device
         torch.manual_seed(cfg.seed)
@@ -237,10 +250,10 @@ class Trainer:
         self._carry: TensorDict | None = None  # policy inputs of the next step (engine path)
         self._collector = None
         if cfg.collector == "engine":
-            self.engine = Engine(cfg.engine)
+            self.engine = Engine(cfg.engine, dynamics)
             self.loss.make_value_estimator(value_network=None)  # values come with the rollout
         else:
-            env = EsperEnv(cfg.engine)
+            env = EsperEnv(cfg.engine, dynamics)
             self.engine = env.engine
             self.env = TransformedEnv(env, Compose(RewardSum(), *self.model.env_transforms()))
             self.loss.make_value_estimator()
@@ -406,13 +419,16 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version: expected {CHECKPOINT_VERSION}, got {state.get('version')!r}")
-        saved, now = state["config"], _config_dict(self.cfg)
-        ignore = {"updates", "log_dir", "checkpoint_every", "progress"}
-        diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+        if not isinstance(state, Mapping) or state.get("version") != CHECKPOINT_VERSION:
+            got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"checkpoint version: expected {CHECKPOINT_VERSION}, got {got!r}")
+        diff = _config_diff(state["config"], _config_dict(self.cfg))
         if diff:
-            raise ValueError(f"resume: the checkpoint was trained with a different config ({', '.join(diff)})")
+            raise ValueError(
+                "resume: the checkpoint was trained with a different config ("
+                + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
+                + ")"
+            )
         self.update_index, self.frames = state["update"], state["frames"]
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
@@ -428,21 +444,46 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, path: str | Path) -> Path:
+        """Write atomically: a temp file, flushed and fsynced, then renamed over ``path`` (and the
+        directory fsynced), so a crash leaves the old checkpoint or the new one, never a torn one;
+        the temp file is removed if writing fails."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)  # never leave a half-written checkpoint behind
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
         return path
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.engine.device, weights_only=False))
+        """Restore a checkpoint written by :meth:`save`; a file that is not one is a ``ValueError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume: expected a checkpoint file, got {str(path)!r} (no such file)")
+        if path.stat().st_size == 0:
+            raise ValueError(f"resume: expected a checkpoint written by Trainer.save, got an empty file {str(path)!r}")
+        try:
+            state = torch.load(path, map_location=self.engine.device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 (unpickling arbitrary bytes can raise almost anything)
+            raise ValueError(
+                f"resume: expected a checkpoint written by Trainer.save, got an unreadable file {str(path)!r} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        self.load_state_dict(state)
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
         log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else None
-        logger = _MetricsLogger(log_dir) if log_dir is not None else None
+        if log_dir is not None:  # a crash mid-save leaves a temp file; a resume, logs past its update
+            (log_dir / "checkpoint.tmp").unlink(missing_ok=True)
+        logger = _MetricsLogger(log_dir, self.update_index) if log_dir is not None else None
         checkpoint = None
         history = []
         bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not cfg.progress, desc="PPO", unit="upd")
@@ -477,10 +518,16 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class _MetricsLogger:
-    """Append one row per update to ``metrics.jsonl`` and ``metrics.csv`` in ``log_dir``."""
+    """Append one row per update to ``metrics.jsonl`` and ``metrics.csv`` in ``log_dir``.
 
-    def __init__(self, log_dir: Path) -> None:
+    Opening it first cuts both files back to the rows of updates ``<= start_update`` (the
+    checkpoint being resumed; 0 for a fresh run), so a resumed run's logs equal those of an
+    uninterrupted run even when the killed run logged updates after its last checkpoint."""
+
+    def __init__(self, log_dir: Path, start_update: int = 0) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_dir / "metrics.jsonl", start_update, lambda line: json.loads(line)["update"])
+        _truncate_log(log_dir / "metrics.csv", start_update, None)
         self.jsonl = open(log_dir / "metrics.jsonl", "a")
         csv_path = log_dir / "metrics.csv"
         self._csv_new = not csv_path.exists() or csv_path.stat().st_size == 0
@@ -502,9 +549,70 @@ class _MetricsLogger:
         self.csv_file.close()
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+def _truncate_log(path: Path, last_update: int, update_of: Callable[[str], int] | None) -> None:
+    """Keep the rows of ``path`` whose update is ``<= last_update`` (``update_of`` None: a CSV
+    whose header stays and whose ``update`` column is read); rewritten atomically, untouched if
+    nothing goes. A torn last line (a kill mid-write) goes too."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    head: list[str] = []
+    if update_of is None and lines:
+        header = next(csv.reader([lines[0]]))
+        column = header.index("update") if "update" in header else -1
+        head, lines = lines[:1], lines[1:]
+
+        def update_of(line: str) -> int:
+            return int(next(csv.reader([line]))[column])
+
+    keep = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and update_of(line) <= last_update:
+                keep.append(line)
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass  # not a complete row of ours
+    kept = "".join((head if keep else []) + keep)
+    if kept != text:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(kept)
+        tmp.replace(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field, saved, now)`` for every field that differs (engine fields as ``engine.<name>``),
+    ignoring the ones a resume may change (``updates``, ``log_dir``, ``checkpoint_every``, ``progress``)."""
+    ignore = {"updates", "log_dir", "checkpoint_every", "progress"}
+    diff = []
+    for key in sorted(set(saved) | set(now)):
+        if key in ignore:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if key == "engine" and isinstance(a, Mapping) and isinstance(b, Mapping):
+            diff += [(f"engine.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diff.append((key, a, b))
+    return diff
+
+
+def train(
+    cfg: TrainConfig, resume: str | Path | None = None, dynamics: DynamicsBackend | None = None
+) -> TrainResult:
     """Train (or resume from a checkpoint) until ``cfg.updates`` updates are done."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dynamics)
     if resume is not None:
         trainer.load(resume)
     return trainer.run()

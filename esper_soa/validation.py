@@ -1,17 +1,101 @@
-"""Action validation (SPEC §4 step 1): clear errors instead of silently executed garbage.
+"""Input validation: clear errors ("<where>: expected X, got Y") instead of tracebacks or silently
+accepted garbage.
 
-Metadata checks (keys, shape, dtype, device) are free and always run. Value checks (range,
-masks) read the tensors back to the host, so they run only when ``check_values`` is set
-(``EngineConfig.validate_actions``); with it off, the compiled step executes any invalid or
-out-of-range action as WAIT with ``last_action_success = 0``.
+Scalar checks (``expect_int``, ``expect_bool``, ``expect_float``, ``expect_choice``) serve the
+config dataclasses and the engine's entry points: bools are not ints, floats must be finite, and
+numpy scalars are accepted and converted to Python ones.
+
+Action validation (SPEC §4 step 1): metadata checks (keys, shape, dtype, device) are free and
+always run. Value checks (range, masks) read the tensors back to the host, so they run only when
+``check_values`` is set (``EngineConfig.validate_actions``); with it off, the compiled step
+executes any invalid or out-of-range action as WAIT with ``last_action_success = 0``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 import torch
 
-from esper_soa.config import EngineConfig
 from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, head_sizes
+
+if TYPE_CHECKING:
+    from esper_soa.config import EngineConfig
+
+T = TypeVar("T")
+
+
+def bad_value(where: str, expected: str, got: object) -> ValueError:
+    """The one error format: ``<where>: expected <expected>, got <got!r>``."""
+    return ValueError(f"{where}: expected {expected}, got {got!r}")
+
+
+def _range(low: float | None, high: float | None, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    return f" <= {high}" if high is not None else ""
+
+
+def expect_int(where: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as a Python int in ``[low, high]``; bools, floats and strings are refused."""
+    expected = "an int" + _range(low, high)
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral):
+        raise bad_value(where, expected, value)
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise bad_value(where, expected, value)
+    return value
+
+
+def expect_bool(where: str, value: object) -> bool:
+    """``value`` as a Python bool; ints and strings such as ``'no'`` are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise bad_value(where, "a bool", value)
+    return bool(value)
+
+
+def expect_float(
+    where: str, value: object, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
+    """``value`` as a finite Python float in the range (``low_open``: ``low`` itself excluded)."""
+    expected = "a finite number" + _range(low, high, low_open)
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise bad_value(where, expected, value)
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if not math.isfinite(value) or too_low or (high is not None and value > high):
+        raise bad_value(where, expected, value)
+    return value
+
+
+def expect_choice(where: str, value: object, choices: tuple) -> Any:
+    """``value`` if it is one of ``choices`` (compared by type and value: ``True`` is not ``1``)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise bad_value(where, f"one of {choices}", value)
+    return value
+
+
+def backend_config(where: str, given: object, cls: type[T]) -> T:
+    """A backend's config from ``EngineConfig.dynamics_config``: ``None`` (defaults), an instance
+    of ``cls``, or a dict of its fields (unknown fields named in the error)."""
+    if given is None:
+        return cls()
+    if isinstance(given, cls):
+        return given
+    if isinstance(given, Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in given if k not in names)
+        if unknown:
+            raise bad_value(where, f"fields of {cls.__name__} {sorted(names)}", f"unknown {unknown}")
+        return cls(**given)
+    raise bad_value(where, f"None, a {cls.__name__} or a dict of its fields", given)
 
 
 def validate_action(
@@ -23,12 +107,19 @@ def validate_action(
     """Raise ``ValueError`` naming the head, what was expected and what came."""
     device = cfg.torch_device
     sizes = head_sizes(cfg.n_slots)
+    if not isinstance(action, Mapping) and not hasattr(action, "keys"):
+        raise bad_value("action", f"a dict or TensorDict of the heads {HEAD_NAMES}", type(action).__name__)
+    extra = sorted(str(k) for k in action.keys() if k not in HEAD_NAMES)
+    if extra:
+        raise ValueError(f"action: unknown heads {extra}; expected exactly the heads {HEAD_NAMES}")
     for name in HEAD_NAMES:
         if name not in action:
             raise ValueError(f"action: missing head {name!r}; expected heads {HEAD_NAMES}")
         a = action[name]
         if not isinstance(a, torch.Tensor):
-            raise ValueError(f"action[{name!r}]: expected a torch.Tensor, got {type(a).__name__}")
+            raise ValueError(
+                f"action[{name!r}]: expected a torch.Tensor, got {type(a).__name__} (convert with torch.as_tensor)"
+            )
         if a.shape != (cfg.n_envs,):
             raise ValueError(f"action[{name!r}]: expected shape ({cfg.n_envs},), got {tuple(a.shape)}")
         if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):

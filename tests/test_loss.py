@@ -156,7 +156,9 @@ def test_is_a_torchrl_loss_with_a_gae_value_estimator() -> None:
     total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
     total.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    # the first evaluation of the stored batch: every ratio is 1
-    assert out["approx_kl"].item() == 0.0 and out["clip_fraction"].item() == 0.0
+    # the first evaluation of the stored batch: every ratio is 1 (up to float32 rounding: the
+    # [E, T] batch sums log-probs in another order than the per-step [E] sampling; exact 0 held
+    # for only some global RNG states, e.g. not after torch.manual_seed(3))
+    assert abs(out["approx_kl"].item()) < 1e-6 and out["clip_fraction"].item() == 0.0
     with pytest.raises(NotImplementedError):
         loss.make_value_estimator(ValueEstimators.TD0)

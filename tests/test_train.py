@@ -75,8 +75,36 @@ def test_resume_is_bit_exact(tmp_path, recurrent: str | None) -> None:
 
 def test_resume_refuses_a_different_config(tmp_path) -> None:
     first = train(small(updates=1, log_dir=str(tmp_path)))
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(lr: checkpoint 0\.0003, now 0\.001\)"):
         train(small(updates=2, lr=1e-3), resume=first.checkpoint)
+    other_engine = replace(small().engine, seed=4)
+    with pytest.raises(ValueError, match=r"different config \(engine\.seed: checkpoint 3, now 4\)"):
+        train(small(updates=2, engine=other_engine), resume=first.checkpoint)
+
+
+def test_resume_after_a_crash_rewrites_the_logs(tmp_path) -> None:
+    """A run killed after logging updates past its last checkpoint (and mid-save) resumes into
+    logs equal to an uninterrupted run's: rows past the checkpoint go, the temp file goes."""
+    whole = tmp_path / "whole"
+    train(small(updates=3, log_dir=str(whole)))
+    run = tmp_path / "run"
+    first = train(small(updates=2, log_dir=str(run)))
+    saved = tmp_path / "at_update_2.pt"
+    saved.write_bytes(first.checkpoint.read_bytes())
+    train(small(updates=3, log_dir=str(run)), resume=saved)  # logs update 3, then "crashes":
+    (run / "checkpoint.tmp").write_bytes(b"")  # a kill mid-save
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"update": 4, "fra')  # a kill mid-write
+    train(small(updates=3, log_dir=str(run)), resume=saved)  # resumed from update 2 again
+    assert not (run / "checkpoint.tmp").exists()
+    for name in ("metrics.jsonl", "metrics.csv"):
+        ours, theirs = ((d / name).read_text().splitlines() for d in (run, whole))
+        assert len(ours) == len(theirs), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [_comparable(r) for r in rows] == [_comparable(r) for r in expected]
+    with open(run / "metrics.csv") as f:
+        assert [int(r["update"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
 def test_metrics_cover_the_run() -> None:

@@ -94,6 +94,7 @@ from esper_soa.config import EngineConfig
 from esper_soa.dynamics.data import DATASETS, HostDataset, load_dataset
 from esper_soa.spec import TOPOLOGY_BLUEPRINTS, AlphaAlgorithm, Blueprint, Stage, blueprint_params
 from esper_soa.state import State
+from esper_soa.validation import backend_config
 
 CNN_BLUEPRINTS = tuple(Blueprint(b) for b in TOPOLOGY_BLUEPRINTS["cnn"])
 MAX_SLOTS = 3
@@ -472,8 +473,8 @@ class BatchedHostsDynamics:
     compilable = False  # advance runs autograd and groups envs by blueprint on the host
 
     def __init__(self, cfg: EngineConfig, hcfg: HostsConfig | None = None) -> None:
-        if hcfg is None:
-            hcfg = cfg.dynamics_config if isinstance(cfg.dynamics_config, HostsConfig) else HostsConfig()
+        given = cfg.dynamics_config if hcfg is None else hcfg
+        hcfg = backend_config("EngineConfig.dynamics_config", given, HostsConfig)
         if cfg.topology != "cnn":
             raise ValueError(f"BatchedHostsDynamics: topology must be 'cnn' (CNN hosts), got {cfg.topology!r}")
         if cfg.n_slots > MAX_SLOTS or cfg.n_slots > len(hcfg.channels):

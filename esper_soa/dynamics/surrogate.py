@@ -27,6 +27,7 @@ from esper_soa import rng
 from esper_soa.config import EngineConfig
 from esper_soa.spec import AlphaAlgorithm, Blueprint, SpecTables, Stage
 from esper_soa.state import State
+from esper_soa.validation import backend_config
 
 N_BLUEPRINTS = len(Blueprint)
 
@@ -173,11 +174,8 @@ class SurrogateDynamics:
     seed_params_table = None  # seeds are priced by the spec's blueprint table
 
     def __init__(self, cfg: EngineConfig, scfg: SurrogateConfig | None = None) -> None:
-        if scfg is None:
-            given = cfg.dynamics_config
-            if isinstance(given, dict):
-                given = SurrogateConfig(**given)
-            scfg = given if isinstance(given, SurrogateConfig) else SurrogateConfig()
+        given = cfg.dynamics_config if scfg is None else scfg
+        scfg = backend_config("EngineConfig.dynamics_config", given, SurrogateConfig)
         self.cfg = cfg
         self.scfg = scfg
         self.n_slots = cfg.n_slots
