@@ -27,7 +27,7 @@ from esper_soa.validation import bad_value, expect_float, expect_int
 
 CLOCK = "fault_step"  # aux key: steps taken by each env (kept across resets)
 # stand-in values of a diverged env's metrics (the others become 0 / False where non-finite)
-_CHANCE_ACC = ("val_acc", "acc_all_seeds_off", "acc_without_slot")
+_CHANCE_ACC = ("val_acc", "acc_all_seeds_off", "acc_committed", "acc_without_slot")
 
 
 class FaultInjectingDynamics:
