@@ -34,7 +34,8 @@ def test_episode_is_max_epochs_steps_and_truncates() -> None:
     outs = _run(engine, 7)
     assert [bool(o["done"].all()) for o in outs[1:]] == [False] * 6 + [True]
     assert bool(outs[-1]["truncated"].all()) and not bool(outs[-1]["terminated"].any())
-    assert outs[0]["observation"][:, 0].tolist() == [0.0] * 3  # epoch/max_epochs after reset
+    # the epoch feature is the 1-based host epoch just trained (reset trains the first)
+    assert outs[0]["observation"][:, 0].tolist() == pytest.approx([1 / 7] * 3)
     # the first observation is real: reset ran one host epoch
     assert bool((outs[0]["observation"][:, 2] > 0.1).all())
     assert engine.state["epoch"].tolist() == [0, 0, 0]  # auto-reset by _run after done
