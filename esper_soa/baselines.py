@@ -2,7 +2,8 @@
 
 ``RandomMaskedPolicy`` draws a uniformly random *valid* action (op first, then a slot the op
 allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state.
-Both write ``("action", head)`` for every head and never sync with the host.
+``WaitPolicy`` always WAITs: the host learns alone (the reference every seed is judged against).
+All write ``("action", head)`` for every head and never sync with the host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tensordict.nn import TensorDictModuleBase
 from esper_soa.env import MASK_KEYS, EsperEnv
 from esper_soa.heuristic import HeuristicConfig, HeuristicController
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES
+from esper_soa.spec import HEAD_NAMES, Op
 
 ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
 
@@ -32,6 +33,29 @@ class RandomMaskedPolicy(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
         for name, value in sample_masked_action(masks, self.generator).items():
+            tensordict.set(("action", name), value)
+        return tensordict
+
+
+def wait_action(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """WAIT for every env (on a slot WAIT allows), every other head at its first valid value."""
+    action = {h: masks[h].to(torch.int64).argmax(-1) for h in HEAD_NAMES if h not in ("op", "slot")}
+    action["op"] = torch.full_like(action[next(iter(action))], int(Op.WAIT))
+    action["slot"] = masks["slot_by_op"][:, int(Op.WAIT)].to(torch.int64).argmax(-1)
+    return {h: action[h] for h in HEAD_NAMES}
+
+
+class WaitPolicy(TensorDictModuleBase):
+    """Always WAIT (SPEC §9's always-valid op): the host-alone baseline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_keys = [("masks", k) for k in MASK_KEYS]
+        self.out_keys = list(ACTION_KEYS)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
+        for name, value in wait_action(masks).items():
             tensordict.set(("action", name), value)
         return tensordict
 

@@ -1,5 +1,8 @@
-"""Command line: ``esper-soa demo`` (collector rollouts of the baselines, throughput) and
-``esper-soa train`` (PPO on the surrogate, compared with the baselines).
+"""Command line: ``esper-soa demo`` (collector rollouts of the baselines, throughput),
+``esper-soa train`` (PPO, then a held-out comparison with the baselines), ``esper-soa eval`` (a
+trained checkpoint next to the heuristic, random and wait controllers on held-out seeds, on any
+backend: train on the surrogate, evaluate on the real hosts) and ``esper-soa plot`` (PNGs of a run).
+Every command takes ``--dynamics surrogate|hosts`` (and ``--dataset``/``--data-path`` for the hosts).
 
 ``run_collector`` is the one place that drives ``torchrl.collectors.Collector`` over
 ``EsperEnv``; the scripts in ``scripts/`` and the trainer's evaluation reuse it.
@@ -8,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tensordict.nn import TensorDictModuleBase
@@ -94,6 +99,33 @@ def run_collector(
     )
 
 
+def dynamics_config_from_args(args: argparse.Namespace) -> Any:
+    """The backend config ``--dynamics``/``--dataset``/``--data-path`` select (None: the default
+    surrogate). Raises ``ValueError`` with what was expected when the combination is invalid."""
+    if args.dynamics == "surrogate":
+        if args.dataset is not None or args.data_path is not None:
+            raise ValueError("--dataset/--data-path: expected only with --dynamics hosts (the surrogate has "
+                             f"no dataset), got --dynamics surrogate --dataset {args.dataset} "
+                             f"--data-path {args.data_path}")
+        return None
+    from pathlib import Path
+
+    from esper_soa.dynamics.hosts import HostsConfig
+
+    dataset = args.dataset or "digits"
+    if dataset == "cifar10":
+        if args.data_path is None:
+            raise ValueError("--dataset cifar10: expected --data-path DIR, the unpacked 'cifar-10-batches-py' "
+                             "folder (data_batch_1..5, test_batch); nothing is downloaded")
+        if not Path(args.data_path).is_dir():
+            raise ValueError(f"--data-path: expected a directory with CIFAR-10's python batches, got "
+                             f"{args.data_path!r}, which is not a directory")
+    elif args.data_path is not None:
+        raise ValueError(f"--data-path: expected only with --dataset cifar10 (digits ships with scikit-learn), "
+                         f"got --dataset {dataset} --data-path {args.data_path}")
+    return HostsConfig(dataset=dataset, data_path=args.data_path)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         n_envs=args.n_envs,
@@ -104,18 +136,36 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         reward_mode=args.reward_mode,
         seed=args.seed,
         device=args.device,
+        dynamics=args.dynamics,
+        dynamics_config=dynamics_config_from_args(args),
         compile=args.compile,
         validate_actions=not args.no_validate,
     )
 
 
-def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epochs: int = 150) -> None:
+INHERITED = ("slots", "topology", "max_epochs", "gate_mode", "reward_mode")  # eval: from the checkpoint
+
+
+def add_engine_args(
+    parser: argparse.ArgumentParser, n_envs: int = 256, max_epochs: int = 150, inherit: bool = False
+) -> None:
+    """Engine and backend flags. ``inherit``: the :data:`INHERITED` ones default to None (filled
+    from a checkpoint's engine by ``eval``, else from these defaults)."""
+    def default(value: object) -> object:
+        return None if inherit else value
+
     parser.add_argument("--n-envs", type=int, default=n_envs)
-    parser.add_argument("--slots", type=int, default=3)
-    parser.add_argument("--topology", default="cnn", choices=["cnn", "transformer"])
-    parser.add_argument("--max-epochs", type=int, default=max_epochs)
-    parser.add_argument("--gate-mode", default="permissive", choices=["permissive", "strict"])
-    parser.add_argument("--reward-mode", default="shaped", choices=["shaped", "sparse", "minimal", "simplified"])
+    parser.add_argument("--slots", type=int, default=default(3))
+    parser.add_argument("--topology", default=default("cnn"), choices=["cnn", "transformer"])
+    parser.add_argument("--max-epochs", type=int, default=default(max_epochs))
+    parser.add_argument("--gate-mode", default=default("permissive"), choices=["permissive", "strict"])
+    parser.add_argument("--reward-mode", default=default("shaped"),
+                        choices=["shaped", "sparse", "minimal", "simplified"])
+    parser.add_argument("--dynamics", default="surrogate", choices=["surrogate", "hosts"],
+                        help="host dynamics: the analytic surrogate or real batched CNN hosts")
+    parser.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
+                        help="--dynamics hosts: the task (default digits, from scikit-learn)")
+    parser.add_argument("--data-path", default=None, help="--dataset cifar10: the cifar-10-batches-py folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
@@ -162,7 +212,8 @@ def train_command(args: argparse.Namespace) -> None:
     """PPO on the surrogate, then a held-out comparison with the random and heuristic controllers."""
     from dataclasses import replace
 
-    from esper_soa.train import TrainConfig, evaluate, evaluate_baseline, train
+    from esper_soa.evaluation import compare
+    from esper_soa.train import TrainConfig, train
 
     # the policy only ever samples valid actions, so the per-step validation sync is skipped
     engine = replace(engine_config_from_args(args), validate_actions=False)
@@ -185,21 +236,58 @@ def train_command(args: argparse.Namespace) -> None:
     train_s = time.perf_counter() - start
     seeds = [int(s) for s in args.eval_seeds.split(",")]
     held_out = replace(engine, n_envs=args.eval_envs, compile=False)
-    rows = [
-        ("ppo (sampled)", evaluate(result.model, held_out, seeds, greedy=False)),
-        ("ppo (greedy)", evaluate(result.model, held_out, seeds, greedy=True)),
-        ("random", evaluate_baseline("random", held_out, seeds)),
-        ("heuristic", evaluate_baseline("heuristic", held_out, seeds)),
-    ]
     frames = result.history[-1]["frames"] if result.history else 0
     print(f"\ntrained {len(result.history)} updates ({frames:,} frames) in {train_s:.0f} s"
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
-    print(f"held-out env seeds {seeds} x {args.eval_envs} envs, {engine.max_epochs}-epoch episodes, "
-          f"{engine.reward_mode} reward:")
-    print(f"{'controller':15s} {'mean return':>12s} {'final acc %':>12s} {'fossils/ep':>11s} {'episodes':>9s}")
-    for name, stats in rows:
-        print(f"{name:15s} {stats.mean_return:12.3f} {stats.mean_final_accuracy:12.2f} "
-              f"{stats.fossils_per_episode:11.3f} {stats.episodes:9d}")
+    print_comparison(compare(result.model, held_out, seeds), held_out, seeds,
+                     result.log_dir / "eval.json" if result.log_dir else None)
+
+
+def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path: Any = None) -> None:
+    """The held-out table of ``train`` and ``eval`` (and its JSON next to the run, if given)."""
+    import json
+
+    from esper_soa.evaluation import format_table
+
+    print(f"held-out env seeds {seeds} x {cfg.n_envs} envs, {cfg.max_epochs}-epoch episodes, "
+          f"{cfg.dynamics} dynamics, {cfg.reward_mode} reward (mean ± standard error over episodes):")
+    print(format_table(rows))
+    if json_path is not None:
+        payload = {"engine": {"dynamics": cfg.dynamics, "n_envs": cfg.n_envs, "max_epochs": cfg.max_epochs,
+                              "reward_mode": cfg.reward_mode, "n_slots": cfg.n_slots, "seeds": seeds},
+                   "rows": {r.name: r.summary() for r in rows}}
+        with open(json_path, "w") as fh:
+            json.dump(payload, fh, indent=1)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """A checkpoint's policy (optional) and the baselines on held-out seeds, on any backend."""
+    from esper_soa.evaluation import compare, load_checkpoint_model
+
+    model, trained = (None, None)
+    if args.checkpoint is not None:
+        model, trained = load_checkpoint_model(args.checkpoint, args.device)
+    base = trained.engine if trained is not None else EngineConfig()
+    for name in INHERITED:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(base, "n_slots" if name == "slots" else name))
+    if args.slots != base.n_slots and trained is not None:
+        raise ValueError(f"--slots: the checkpoint's policy was trained with {base.n_slots} slots "
+                         f"(its observation size), got --slots {args.slots}")
+    cfg = engine_config_from_args(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print_comparison(compare(model, cfg, seeds, args.baselines), cfg, seeds, args.json)
+
+
+def baseline_list(text: str) -> list[str]:
+    """``--baselines``: comma-separated names from ``evaluation.BASELINES`` (may be empty)."""
+    from esper_soa.evaluation import BASELINES
+
+    names = [b for b in text.split(",") if b]
+    bad = [b for b in names if b not in BASELINES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(BASELINES)}, got {', '.join(bad)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(p_demo, n_envs=256, max_epochs=150)
     p_demo.add_argument("--episodes", type=int, default=1)
     p_demo.set_defaults(func=demo)
-    p_train = sub.add_parser("train", help="PPO on the surrogate (a few CPU minutes), compared with the baselines")
+    p_train = sub.add_parser("train", help="PPO (on the surrogate: a few CPU minutes), compared with the baselines")
     add_engine_args(p_train, n_envs=256, max_epochs=150)  # ~4 min on a busy 2-core CPU
     p_train.add_argument("--updates", type=int, default=40)
     p_train.add_argument("--rollout-len", type=int, default=None, help="steps per env per update (default: max epochs)")
@@ -225,7 +313,23 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--eval-seeds", default="1000,1001", help="held-out env seeds, comma-separated")
     p_train.add_argument("--eval-envs", type=int, default=128)
     p_train.set_defaults(func=train_command)
+    p_eval = sub.add_parser("eval", help="a checkpoint next to the heuristic, random and wait controllers")
+    p_eval.add_argument("--checkpoint", default=None, help="RUN/checkpoint.pt (omit: baselines only)")
+    add_engine_args(p_eval, n_envs=32, inherit=True)
+    p_eval.add_argument("--seeds", default="1000,1001", help="held-out env seeds, comma-separated")
+    p_eval.add_argument("--baselines", type=baseline_list, default="heuristic,random,wait",
+                        help="comma-separated, may be empty")
+    p_eval.add_argument("--json", default=None, help="also write the table as JSON here")
+    p_eval.set_defaults(func=eval_command)
     args = parser.parse_args(argv)
+    if hasattr(args, "dynamics"):
+        try:  # bad backend flags: one clear line before any work, not a traceback
+            dynamics_config_from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if getattr(args, "checkpoint", None) is not None and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint: expected RUN/checkpoint.pt written by 'esper-soa train --log-dir RUN', "
+                     f"got {args.checkpoint!r}, which is not a file")
     args.func(args)
 
 

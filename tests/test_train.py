@@ -161,11 +161,13 @@ def test_cli_train_prints_the_comparison_table(tmp_path, capsys) -> None:
     main(["train", "--n-envs", "16", "--max-epochs", "6", "--updates", "2", "--eval-envs", "8",
           "--eval-seeds", "100", "--log-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    rows = {line.split("  ")[0].strip(): line.split()[-4:] for line in out.splitlines()
-            if line.startswith(("ppo", "random", "heuristic"))}
-    assert set(rows) == {"ppo (sampled)", "ppo (greedy)", "random", "heuristic"}
-    assert all(int(r[-1]) == 8 for r in rows.values())  # one 6-epoch episode per held-out env
+    rows = {cells[1].strip(): cells[2:] for cells in (line.split("|") for line in out.splitlines())
+            if len(cells) > 3 and cells[1].strip().startswith(("ppo", "random", "heuristic", "wait"))}
+    assert set(rows) == {"ppo (sampled)", "ppo (greedy)", "random", "heuristic", "wait"}
+    assert all(int(r[0]) == 8 for r in rows.values())  # one 6-epoch episode per held-out env
     assert (tmp_path / "checkpoint.pt").exists()
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["rows"]) == set(rows) and saved["rows"]["wait"]["fossils"]["mean"] == 0.0
 
 
 def test_train_ppo_script_runs_the_torchrl_loop() -> None:
