@@ -11,6 +11,7 @@ Every command takes ``--dynamics surrogate|hosts`` (and ``--dataset``/``--data-p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -241,6 +242,8 @@ def train_command(args: argparse.Namespace) -> None:
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
     print_comparison(compare(result.model, held_out, seeds), held_out, seeds,
                      result.log_dir / "eval.json" if result.log_dir else None)
+    if result.log_dir is not None and importlib.util.find_spec("matplotlib") is not None:
+        plot_command(argparse.Namespace(run=str(result.log_dir), envs=4, seed=seeds[0]))
 
 
 def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path: Any = None) -> None:
@@ -279,6 +282,14 @@ def eval_command(args: argparse.Namespace) -> None:
     print_comparison(compare(model, cfg, seeds, args.baselines), cfg, seeds, args.json)
 
 
+def plot_command(args: argparse.Namespace) -> None:
+    """PNGs of a run directory: learning curves and a lifecycle swimlane (``esper_soa.plots``)."""
+    from esper_soa.plots import plot_run
+
+    for path in plot_run(args.run, n_envs=args.envs, seed=args.seed):
+        print(f"wrote {path}")
+
+
 def baseline_list(text: str) -> list[str]:
     """``--baselines``: comma-separated names from ``evaluation.BASELINES`` (may be empty)."""
     from esper_soa.evaluation import BASELINES
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--lr", type=float, default=3e-4)
     p_train.add_argument("--ppo-epochs", type=int, default=4)
     p_train.add_argument("--minibatches", type=int, default=4)
-    p_train.add_argument("--log-dir", default=None, help="metrics.jsonl / metrics.csv / checkpoint.pt go here")
+    p_train.add_argument("--log-dir", default=None, help="metrics (TorchRL CSV/TensorBoard), checkpoint.pt, eval.json and plots go here")
     p_train.add_argument("--checkpoint-every", type=int, default=10)
     p_train.add_argument("--resume", default=None, help="checkpoint to resume from")
     p_train.add_argument("--eval-seeds", default="1000,1001", help="held-out env seeds, comma-separated")
@@ -321,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated, may be empty")
     p_eval.add_argument("--json", default=None, help="also write the table as JSON here")
     p_eval.set_defaults(func=eval_command)
+    p_plot = sub.add_parser("plot", help="PNGs of a run: learning curves and a lifecycle swimlane")
+    p_plot.add_argument("run", help="the --log-dir of 'esper-soa train'")
+    p_plot.add_argument("--envs", type=int, default=4, help="envs in the swimlane")
+    p_plot.add_argument("--seed", type=int, default=1000, help="held-out engine seed of the swimlane episode")
+    p_plot.set_defaults(func=plot_command)
     args = parser.parse_args(argv)
     if hasattr(args, "dynamics"):
         try:  # bad backend flags: one clear line before any work, not a traceback

@@ -79,6 +79,7 @@ class EvalResult:
     name: str
     outcomes: dict[str, torch.Tensor]
     seconds: float = 0.0
+    trace: dict[str, torch.Tensor] | None = None  # the first seed's first envs, see evaluate_controller
 
     @property
     def episodes(self) -> int:
@@ -106,14 +107,19 @@ def evaluate_controller(
     cfg: EngineConfig,
     seeds: Sequence[int],
     transforms: Callable[[], Sequence[Transform]] = list,
+    trace_envs: int = 0,
 ) -> EvalResult:
     """One episode per env of ``make_policy(env, seed)`` on each engine seed in ``seeds``.
 
     Every env runs exactly ``cfg.max_epochs`` steps without auto-reset; an env that terminates
     early (divergence) is recorded at the step it ends. ``transforms`` builds the env transforms
     the policy needs (a recurrent policy's ``InitTracker`` and state primer), fresh per seed.
+    ``trace_envs``: also record the first seed's first envs step by step (``stage``/``alpha``
+    ``[T+1, n, S]`` from the reset on, the ``op``/``slot`` taken and ``success`` ``[T, n]``, and
+    ``val_acc`` ``[T+1, n]``): the lifecycle swimlane of ``esper-soa plot``.
     """
     parts: list[dict[str, torch.Tensor]] = []
+    steps: list[dict[str, torch.Tensor]] = []
     start = time.perf_counter()
     for seed in seeds:
         env = EsperEnv(replace(cfg, seed=int(seed)))
@@ -123,11 +129,17 @@ def evaluate_controller(
         td = tenv.reset()
         ended = torch.zeros(cfg.n_envs, dtype=torch.bool, device=env.device)
         final: dict[str, torch.Tensor] | None = None
+        tracing = trace_envs > 0 and not parts
+        if tracing:
+            steps.append(_trace_row(env.engine.state, None, trace_envs))
         for _ in range(cfg.max_epochs):
             with torch.no_grad():  # the policy only; a hosts backend trains its hosts with autograd
                 td = policy(td)
             td = tenv.step(td)
-            now = episode_outcome(env.engine.state)
+            state = env.engine.state
+            if tracing:
+                steps.append(_trace_row(state, td["action"], trace_envs))
+            now = episode_outcome(state)
             newly = td["next", "done"].reshape(-1) & ~ended
             final = now if final is None else {k: torch.where(newly, now[k], final[k]) for k in now}
             ended = ended | newly
@@ -135,7 +147,22 @@ def evaluate_controller(
         assert final is not None and bool(ended.all()), "every episode ends by cfg.max_epochs"
         parts.append({k: v.detach().cpu() for k, v in final.items()})
     outcomes = {k: torch.cat([p[k] for p in parts]) for k in COLUMNS}
-    return EvalResult(name, outcomes, time.perf_counter() - start)
+    trace = None
+    if steps:
+        trace = {k: torch.stack([r[k] for r in steps]) for k in steps[0]}  # from the reset on
+        trace.update({k: torch.stack([r[k] for r in steps[1:]]) for k in _PER_ACTION})
+    return EvalResult(name, outcomes, time.perf_counter() - start, trace)
+
+
+_PER_ACTION = ("op", "slot", "success")  # recorded after each step, not at the reset
+
+
+def _trace_row(state: TensorDictBase, action: TensorDictBase | None, n: int) -> dict[str, torch.Tensor]:
+    sl = state["slots"]
+    row = {"stage": sl["stage"][:n], "alpha": sl["alpha"][:n], "val_acc": state["val_acc"][:n]}
+    if action is not None:
+        row.update(op=action["op"][:n], slot=action["slot"][:n], success=state["last_action_success"][:n])
+    return {k: v.detach().cpu().clone() for k, v in row.items()}
 
 
 def baseline_factory(name: str) -> PolicyFactory:
@@ -151,7 +178,9 @@ def baseline_factory(name: str) -> PolicyFactory:
     raise ValueError(f"baseline: expected one of {BASELINES}, got {name!r}")
 
 
-def evaluate_model(model: Any, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool) -> EvalResult:
+def evaluate_model(
+    model: Any, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool, trace_envs: int = 0
+) -> EvalResult:
     """A trained :class:`~esper_soa.policy.ActorCritic`, greedy or sampled (the sampling is
     seeded by the engine seed, so the table is reproducible)."""
     previous = model.actor.deterministic
@@ -163,7 +192,7 @@ def evaluate_model(model: Any, cfg: EngineConfig, seeds: Sequence[int], *, greed
 
     try:
         return evaluate_controller("ppo (greedy)" if greedy else "ppo (sampled)", make, cfg, seeds,
-                                   model.env_transforms)
+                                   model.env_transforms, trace_envs)
     finally:
         model.actor.deterministic = previous
 

@@ -1,5 +1,5 @@
 """PPO trainer for the factored Esper policy: batched collection, GAE, minibatch PPO epochs,
-JSONL/CSV metrics, exact checkpoint/resume, and held-out evaluation against the baselines.
+metrics through TorchRL's loggers (CSV, TensorBoard when installed), exact checkpoint/resume, and held-out evaluation against the baselines.
 
 Collection drives the engine directly by default: every step is one batched policy call and
 one ``Engine.step`` over all E envs, done rows are reset together (``Engine.reset(rows)``), and
@@ -21,8 +21,6 @@ in-flight episodes).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -442,7 +440,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else None
-        logger = _MetricsLogger(log_dir) if log_dir is not None else None
+        loggers = run_loggers(log_dir) if log_dir is not None else []
         checkpoint = None
         history = []
         bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not cfg.progress, desc="PPO", unit="upd")
@@ -450,8 +448,7 @@ class Trainer:
             while self.update_index < cfg.updates:
                 row = self.step()
                 history.append(row)
-                if logger is not None:
-                    logger.write(row)
+                log_row(loggers, row)
                 ret = row["mean_return"]
                 ret = "-" if ret is None else f"{ret:.2f}"
                 bar.set_postfix(ret=ret, kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:,.0f}")
@@ -462,8 +459,6 @@ class Trainer:
                     checkpoint = self.save(log_dir / "checkpoint.pt")
         finally:
             bar.close()
-            if logger is not None:
-                logger.close()
         return TrainResult(self.model, history, checkpoint, log_dir)
 
 
@@ -476,30 +471,31 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-class _MetricsLogger:
-    """Append one row per update to ``metrics.jsonl`` and ``metrics.csv`` in ``log_dir``."""
+METRICS_DIR = "metrics"  # TorchRL CSVLogger experiment: LOG_DIR/metrics/scalars/<name>.csv ("frames,value")
 
-    def __init__(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / "metrics.jsonl", "a")
-        csv_path = log_dir / "metrics.csv"
-        self._csv_new = not csv_path.exists() or csv_path.stat().st_size == 0
-        self.csv_file = open(csv_path, "a", newline="")
-        self.csv: csv.DictWriter | None = None
 
-    def write(self, row: Mapping[str, Any]) -> None:
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
-        if self.csv is None:
-            self.csv = csv.DictWriter(self.csv_file, fieldnames=list(row))
-            if self._csv_new:
-                self.csv.writeheader()
-        self.csv.writerow(row)
-        self.csv_file.flush()
+def run_loggers(log_dir: Path) -> list[Any]:
+    """TorchRL loggers of a run: CSV (always; what ``esper-soa plot`` reads) and TensorBoard
+    (``LOG_DIR/tensorboard``) when the ``tensorboard`` package is installed."""
+    import importlib.util
 
-    def close(self) -> None:
-        self.jsonl.close()
-        self.csv_file.close()
+    from torchrl.record.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(METRICS_DIR, log_dir=str(log_dir))]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from torchrl.record.loggers import TensorboardLogger
+
+        loggers.append(TensorboardLogger("tensorboard", log_dir=str(log_dir)))
+    return loggers
+
+
+def log_row(loggers: Sequence[Any], row: Mapping[str, Any]) -> None:
+    """Every numeric metric of one update, against the frames seen so far (None = undefined, skipped)."""
+    step = int(row["frames"])
+    for name, value in row.items():
+        if value is not None and name != "frames":
+            for logger in loggers:
+                logger.log_scalar(name, float(value), step=step)
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:

@@ -96,6 +96,33 @@ def test_cli_eval_table_and_json(tmp_path, capsys) -> None:
     assert list(saved["rows"]) == ["ppo (greedy)", "ppo (sampled)", "wait"]
     assert all(r["episodes"] == 6 for r in saved["rows"].values())
     assert saved["engine"]["max_epochs"] == 5 and saved["engine"]["dynamics"] == "surrogate"
+    # train --log-dir also wrote the run's PNGs (matplotlib is a dev dependency) and TorchRL CSVs
+    for png in ("learning_curves.png", "lifecycle.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    main(["plot", str(tmp_path), "--envs", "2", "--seed", "5"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_trace_records_the_swimlane() -> None:
+    """The trace is the episode step by step: stages from the reset on, the ops taken, the last
+    row equal to the final state the outcomes were read from."""
+    cfg = EngineConfig(n_envs=4, max_epochs=12, validate_actions=False)
+    res = evaluate_controller("random", baseline_factory("random"), cfg, [3, 4], trace_envs=2)
+    tr = res.trace
+    assert tr["stage"].shape == (13, 2, 3) and tr["alpha"].shape == (13, 2, 3) and tr["op"].shape == (12, 2)
+    assert (tr["stage"][0] == int(Stage.DORMANT)).all()
+    assert (tr["op"] != 0).any()  # random germinates somewhere
+    torch.testing.assert_close(tr["val_acc"][-1], res.outcomes["final_acc"][:2])
+    wait = evaluate_controller("wait", baseline_factory("wait"), cfg, [3], trace_envs=1).trace
+    assert (wait["op"] == 0).all() and (wait["stage"] == int(Stage.DORMANT)).all()
+
+
+def test_plot_without_metrics_says_what_is_missing(tmp_path) -> None:
+    from esper_soa.plots import plot_run
+
+    with pytest.raises(FileNotFoundError, match="esper-soa train --log-dir RUN"):
+        plot_run(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 
 from esper_soa.config import EngineConfig
 from esper_soa.spec import Op
-from esper_soa.train import TIMING_KEYS, TrainConfig, Trainer, evaluate, evaluate_baseline, train
+from esper_soa.train import METRICS_DIR, TIMING_KEYS, TrainConfig, Trainer, evaluate, evaluate_baseline, train
 
 
 def small(**overrides) -> TrainConfig:
@@ -64,13 +64,15 @@ def test_resume_is_bit_exact(tmp_path, recurrent: str | None) -> None:
     assert _comparable(resumed.history[0]) == _comparable(full.history[2])
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
-    # one JSONL line and one CSV row per update, across the resume
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["update"] for x in lines] == [1, 2, 3]
-    with open(tmp_path / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["update"]) for r in rows] == [1, 2, 3]
-    assert float(rows[2]["approx_kl"]) == pytest.approx(full.history[2]["approx_kl"])
+    # one row per update in TorchRL's CSV logger (step = frames), across the resume
+    scalars = tmp_path / METRICS_DIR / "scalars"
+    with open(scalars / "update.csv") as f:
+        rows = list(csv.reader(f))
+    assert [float(v) for _, v in rows] == [1, 2, 3]
+    assert [int(s) for s, _ in rows] == [r["frames"] for r in full.history]
+    with open(scalars / "approx_kl.csv") as f:
+        kl = [float(v) for _, v in csv.reader(f)]
+    assert kl[2] == pytest.approx(full.history[2]["approx_kl"])
 
 
 def test_resume_refuses_a_different_config(tmp_path) -> None:
