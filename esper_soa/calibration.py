@@ -836,7 +836,8 @@ def seed_headroom(hosts_config: Any, replicates: int = 6, epochs: int = 30, seed
         accs.append(metrics["val_acc"])
     acc = torch.stack(accs[-tail:]).mean(0).view(replicates, n_var).double()
     gain = acc[:, 1:] - acc[:, :1]
-    mean, sem = gain.mean(0), gain.std(0) / math.sqrt(replicates) if replicates > 1 else gain.mean(0) * math.nan
+    mean = gain.mean(0)
+    sem = gain.std(0) / math.sqrt(replicates)  # NaN for one replicate
     names = [f"slot{s}.{Blueprint(bp).name}" for s, bp in variants[1:]]
     best = int(mean.argmax())
     return {

@@ -101,17 +101,24 @@ def run_collector(
 
 
 def dynamics_config_from_args(args: argparse.Namespace) -> Any:
-    """The backend config ``--dynamics``/``--dataset``/``--data-path`` select (None: the default
-    surrogate). Raises ``ValueError`` with what was expected when the combination is invalid."""
+    """The backend config ``--dynamics``/``--preset``/``--dataset``/``--data-path`` select (None: the
+    default surrogate). Raises ``ValueError`` with what was expected when the combination is invalid."""
+    preset = args.preset or ("calibrated" if args.dynamics == "hosts" else "default")
     if args.dynamics == "surrogate":
+        from esper_soa.dynamics.surrogate import SURROGATE_PRESETS
+
         if args.dataset is not None or args.data_path is not None:
             raise ValueError("--dataset/--data-path: expected only with --dynamics hosts (the surrogate has "
                              f"no dataset), got --dynamics surrogate --dataset {args.dataset} "
                              f"--data-path {args.data_path}")
-        return None
+        if preset not in SURROGATE_PRESETS:
+            raise ValueError(f"--preset: expected one of {', '.join(SURROGATE_PRESETS)} for the surrogate, "
+                             f"got {preset!r}")
+        return None if preset == "default" else SURROGATE_PRESETS[preset]
+    from dataclasses import replace
     from pathlib import Path
 
-    from esper_soa.dynamics.hosts import HostsConfig
+    from esper_soa.dynamics.hosts import HOSTS_PRESETS
 
     dataset = args.dataset or "digits"
     if dataset == "cifar10":
@@ -124,7 +131,9 @@ def dynamics_config_from_args(args: argparse.Namespace) -> Any:
     elif args.data_path is not None:
         raise ValueError(f"--data-path: expected only with --dataset cifar10 (digits ships with scikit-learn), "
                          f"got --dataset {dataset} --data-path {args.data_path}")
-    return HostsConfig(dataset=dataset, data_path=args.data_path)
+    if preset not in HOSTS_PRESETS:
+        raise ValueError(f"--preset: expected one of {', '.join(HOSTS_PRESETS)} for the hosts, got {preset!r}")
+    return replace(HOSTS_PRESETS[preset], dataset=dataset, data_path=args.data_path)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -167,6 +176,10 @@ def add_engine_args(
     parser.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
                         help="--dynamics hosts: the task (default digits, from scikit-learn)")
     parser.add_argument("--data-path", default=None, help="--dataset cifar10: the cifar-10-batches-py folder")
+    parser.add_argument("--preset", default=None, choices=["default", "calibrated"],
+                        help="backend constants: 'calibrated' = the narrow hosts where seeds matter / the "
+                             "surrogate fitted to them (docs/CALIBRATION.md); default: 'default' for the "
+                             "surrogate, 'calibrated' for the hosts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")

@@ -134,6 +134,15 @@ class SurrogateConfig:
                 raise bad(f.name, ">= 0")
 
 
+# Named configurations (``esper-soa --dynamics surrogate --preset NAME``): the hand-set defaults, and
+# "calibrated", fitted by ``scripts/calibrate_surrogate.py`` to the calibrated real hosts
+# (``dynamics.hosts.HOSTS_PRESETS["calibrated"]``), see docs/CALIBRATION.md: train on it, evaluate on
+# ``--dynamics hosts``.
+SURROGATE_PRESETS: dict[str, SurrogateConfig] = {
+    "default": SurrogateConfig(),
+}
+
+
 # RNG stream ids. Latent draws use counter 0 of their own streams at reset; per-epoch noise uses the
 # env's running counter, so the two families never collide.
 _ST_EVAL = 1  # shared validation noise [E]
