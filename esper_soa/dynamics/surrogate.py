@@ -140,6 +140,11 @@ class SurrogateConfig:
 # ``--dynamics hosts``.
 SURROGATE_PRESETS: dict[str, SurrogateConfig] = {
     "default": SurrogateConfig(),
+    "calibrated": SurrogateConfig(
+        host_acc0_min=0.0, host_acc0_max=18.631, host_acc_max_min=76.964, host_acc_max_max=97.887,
+        host_tau_min=9.26, host_tau_max=36.896, eval_noise_std=3.365, cf_noise_std=4.515,
+        benefit_pp=15.651, benefit_std=0.458,
+    ),
 }
 
 
