@@ -149,3 +149,24 @@ def test_cifar10_without_its_files_says_what_is_missing(tmp_path) -> None:
                                                                                  data_path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="lacks data_batch_1"):
         evaluate_controller("wait", baseline_factory("wait"), cfg, [0])
+
+
+def test_presets_select_the_backend_config() -> None:
+    from argparse import Namespace
+
+    from esper_soa.cli import dynamics_config_from_args
+    from esper_soa.dynamics.hosts import HOSTS_PRESETS
+    from esper_soa.dynamics.surrogate import SURROGATE_PRESETS
+
+    def args(**kw) -> Namespace:
+        return Namespace(**{"dynamics": "surrogate", "dataset": None, "data_path": None, "preset": None, **kw})
+
+    assert dynamics_config_from_args(args()) is None  # the plain default surrogate
+    assert dynamics_config_from_args(args(preset="calibrated")) == SURROGATE_PRESETS["calibrated"]
+    hosts = dynamics_config_from_args(args(dynamics="hosts"))
+    assert hosts == HOSTS_PRESETS["calibrated"] and hosts.channels == (2, 4, 8)
+    assert dynamics_config_from_args(args(dynamics="hosts", preset="default")).channels == (8, 16, 32)
+    # the calibrated surrogate is the refit: noisier hosts with a higher plateau and larger seed effects
+    cal, default = SURROGATE_PRESETS["calibrated"], SURROGATE_PRESETS["default"]
+    assert cal.eval_noise_std > default.eval_noise_std and cal.host_acc_max_max > default.host_acc_max_max
+    assert cal.benefit_pp > default.benefit_pp
