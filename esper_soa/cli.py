@@ -2,7 +2,8 @@
 ``esper-soa train`` (PPO, then a held-out comparison with the baselines), ``esper-soa eval`` (a
 trained checkpoint next to the heuristic, random and wait controllers on held-out seeds, on any
 backend: train on the surrogate, evaluate on the real hosts) and ``esper-soa plot`` (PNGs of a run).
-Every command takes ``--dynamics surrogate|hosts`` (and ``--dataset``/``--data-path`` for the hosts).
+``demo``, ``train`` and ``eval`` take ``--dynamics surrogate|hosts``, ``--preset`` and, for the hosts,
+``--dataset``/``--data-path``.
 
 ``run_collector`` is the one place that drives ``torchrl.collectors.Collector`` over
 ``EsperEnv``; the scripts in ``scripts/`` and the trainer's evaluation reuse it.
@@ -223,7 +224,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    """PPO on the surrogate, then a held-out comparison with the random and heuristic controllers."""
+    """PPO on the chosen dynamics, then the held-out table (``evaluation.compare``) and the run's plots."""
     from dataclasses import replace
 
     from esper_soa.evaluation import compare

@@ -220,8 +220,9 @@ def _take_rows(state: State, idx: torch.Tensor) -> State:
 
 
 def _put_rows(state: State, idx: torch.Tensor, rows: State) -> State:
-    """``state`` with the envs ``idx`` replaced by the k-env state ``rows`` (out of place)."""
-    return {k: _put_rows(v, idx, rows[k]) if k == "slots" else v.index_copy(0, idx, rows[k])
+    """``state`` with the envs ``idx`` replaced by the k-env state ``rows`` (out of place; ``clone``
+    keeps each field's layout, e.g. the slot-major slot fields, which ``index_copy`` would not)."""
+    return {k: _put_rows(v, idx, rows[k]) if k == "slots" else v.clone().index_copy_(0, idx, rows[k])
             for k, v in state.items()}
 
 

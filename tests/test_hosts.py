@@ -344,6 +344,7 @@ def test_partial_reset_runs_only_the_reset_rows() -> None:
     for k in ("val_acc", "epoch", "episode_return", "acc_history"):
         assert torch.equal(st[k][~rows], state_before[k][~rows]), k
     assert (st["epoch"][rows] == 0).all() and not out["done"].any()
+    assert eng._state["slots"]["alpha"].stride() == eng._fresh["slots"]["alpha"].stride()  # slot-major kept
     # the reset rows equal the all-rows (where-based) reset with the same keys
     _, full_aux, full_out = eng._reset_impl(as_dict(state_before), before, torch.ones_like(rows), keys)
     for k, v in full_aux.items():
