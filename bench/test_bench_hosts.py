@@ -13,7 +13,8 @@ path swing 5-10x; with one thread the bench times process CPU time, which other 
 disturb, so it measures the work each path does. Set ``ESPER_BENCH_THREADS=2`` on an idle 2-core
 machine for wall-clock figures with both cores. ``ESPER_BENCH_MIN_SPEEDUP`` (default 5) is the
 speedup asserted at E = 128 on the CPU: the batched path's CPU cost is memory traffic over
-small-channel activations, so its ratio reaches 5x only at E = 128 (4x at E = 32). The GPU gate
+small-channel activations, so its ratio reaches 5x only at E = 128 (4x at E = 32), and only with
+both cores (``ESPER_BENCH_THREADS=2``: 5.3-6.1x; one thread gives 3.6-4.2x, bench/RESULTS.md). The GPU gate
 (>= 5x at E = 32) is ``bench/device_report.py``'s, run where an accelerator is available.
 Run: ``pytest bench/test_bench_hosts.py --benchmark-only -s``.
 """
