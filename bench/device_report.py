@@ -7,7 +7,9 @@ the same hot paths on any ``--device`` with wall-clock timing around device sync
   plus the per-env reference loop at the smallest E on this machine's CPU (the ratio's "before");
 * env: ``EsperEnv.step`` over ``Engine.step`` (wrapper overhead) and a TorchRL ``Collector``
   driving the random masked policy;
-* hosts: one host epoch of the batched real-hosts backend vs the per-env loop (issue 6);
+* hosts: one host epoch of the batched real-hosts backend vs the per-env loop (issue 6); on an
+  accelerator this is the hosts gate: >= ``HOSTS_GPU_MIN_SPEEDUP`` at E = 32 (``gate_passed`` in
+  the report; the CPU gate is ``bench/test_bench_hosts.py``'s, at E = 128);
 * train: PPO end to end (collect + GAE + update) with the compiled engine.
 
 Each section is guarded: a failure is reported and the next section still runs. Results go to
@@ -155,10 +157,14 @@ def env_section(device: torch.device, n_envs: int, rounds: int) -> dict:
     return rows
 
 
+HOSTS_GPU_GATE_ENVS = 32
+HOSTS_GPU_MIN_SPEEDUP = 5.0
+
+
 def hosts_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
     from bench.test_bench_hosts import per_env_loop, setup
 
-    rows = {}
+    rows: dict = {}
     for n_envs in sizes:
         dyn, state, aux = setup(n_envs, device=str(device))
         loop = per_env_loop(dyn, state, aux)
@@ -168,6 +174,12 @@ def hosts_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
                              "speedup": t_loop / t_batched, "batched_env_epochs_per_s": n_envs / t_batched}
         print(f"hosts E={n_envs}: batched {1e3 * t_batched:.1f} ms, per-env loop {1e3 * t_loop:.1f} ms, "
               f"speedup {t_loop / t_batched:.1f}x", flush=True)
+    gate = rows.get(f"{HOSTS_GPU_GATE_ENVS}")
+    if device.type != "cpu" and gate is not None:
+        rows["gate"] = {"n_envs": HOSTS_GPU_GATE_ENVS, "min_speedup": HOSTS_GPU_MIN_SPEEDUP,
+                        "gate_passed": gate["speedup"] >= HOSTS_GPU_MIN_SPEEDUP}
+        print(f"hosts gate (E={HOSTS_GPU_GATE_ENVS}, >= {HOSTS_GPU_MIN_SPEEDUP}x): "
+              f"{'PASS' if rows['gate']['gate_passed'] else 'FAIL'}", flush=True)
     return rows
 
 

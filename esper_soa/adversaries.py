@@ -55,13 +55,12 @@ def adversary_config(name: str) -> AdversaryConfig:
 
 
 def wait_action(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """WAIT on the first slot WAIT allows, every other head 0: the do-nothing controller."""
-    op = masks["op"]
-    zero = torch.zeros(op.shape[0], dtype=torch.int64, device=op.device)
-    action = {h: zero for h in HEAD_NAMES}
-    action["op"] = torch.full_like(zero, int(Op.WAIT))
-    action["slot"] = masks["slot_by_op"][:, int(Op.WAIT), :].to(torch.int64).argmax(1)
-    return action
+    """WAIT for every env (on a slot WAIT allows), every other head at its first valid value: the
+    host-alone controller every seed is judged against."""
+    action = {h: masks[h].to(torch.int64).argmax(-1) for h in HEAD_NAMES if h not in ("op", "slot")}
+    action["op"] = torch.full_like(action["blueprint"], int(Op.WAIT))
+    action["slot"] = masks["slot_by_op"][..., int(Op.WAIT), :].to(torch.int64).argmax(-1)
+    return {h: action[h] for h in HEAD_NAMES}
 
 
 def adversary_step(

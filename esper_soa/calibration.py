@@ -40,12 +40,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from esper_soa.adversaries import wait_action
 from esper_soa.config import EngineConfig
 from esper_soa.dynamics.surrogate import SurrogateConfig, SurrogateDynamics
 from esper_soa.engine import Engine
 from esper_soa.heuristic import HeuristicController
 from esper_soa.masks import sample_masked_action
-from esper_soa.spec import AlphaAlgorithm, Op, Stage
+from esper_soa.spec import AlphaAlgorithm, Blueprint, Stage
 
 CONTROLLERS = ("host_only", "heuristic", "random")
 LIVE_CODES = tuple(int(s) for s in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING,
@@ -84,10 +85,7 @@ class HostOnlyController:
     """Always WAIT: the host learns alone, the reference for the host curve and for seed gains."""
 
     def act(self, state: Any, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        action = sample_masked_action(masks, torch.Generator(device=masks["op"].device).manual_seed(0))
-        action["op"] = torch.full_like(action["op"], int(Op.WAIT))
-        action["slot"] = masks["slot_by_op"][:, int(Op.WAIT)].to(torch.int64).argmax(-1)
-        return action
+        return wait_action(masks)
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Stateless: nothing to forget."""
@@ -795,3 +793,59 @@ def plot_calibration(res: dict[str, Any], path: str, n_show: int = 4) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- seed headroom
+def seed_headroom(hosts_config: Any, replicates: int = 6, epochs: int = 30, seed: int = 0,
+                  tail: int = 5) -> dict[str, Any]:
+    """How much a seed can add on the real hosts: every (slot, cnn blueprint) held at alpha 1
+    (HOLDING: seed and host train together from the first epoch) against the host alone.
+
+    Each replicate is one host (one env key: initial weights and data order) run once per variant
+    side by side in one batched backend, so each gain is paired: ``acc(variant) - acc(host
+    alone)``, both averaged over the last ``tail`` epochs (the plateau, less evaluation noise).
+    Returns per-variant mean gain and its standard error over replicates (pp), and the best one.
+    Why: on a host that already solves its task alone, no controller can show a seed's value,
+    so the calibrated hosts configuration is chosen where this headroom is >= 1 pp.
+    """
+    from esper_soa.dynamics.hosts import CNN_BLUEPRINTS, BatchedHostsDynamics
+    from esper_soa.rng import episode_seed
+    from esper_soa.state import make_state
+
+    variants = [None] + [(s, bp) for s in range(3) for bp in CNN_BLUEPRINTS]
+    n_var = len(variants)
+    n = replicates * n_var
+    cfg = EngineConfig(n_envs=n, n_slots=3, max_epochs=epochs, dynamics="hosts", dynamics_config=hosts_config)
+    dyn = BatchedHostsDynamics(cfg, hosts_config)
+    state = make_state(cfg).to_dict()
+    sl = state["slots"]
+    for v, var in enumerate(variants):
+        if var is None:
+            continue
+        s, bp = var
+        envs = torch.arange(v, n, n_var)  # env index = replicate * n_var + variant
+        sl["stage"][envs, s] = int(Stage.HOLDING)
+        sl["blueprint"][envs, s] = int(bp)
+        sl["algorithm"][envs, s] = int(AlphaAlgorithm.ADD)
+        sl["alpha"][envs, s] = 1.0
+    replicate = torch.arange(n) // n_var
+    aux = dyn.reset_aux(dyn.init_aux(n, seed), torch.ones(n, dtype=torch.bool),
+                        episode_seed(seed, replicate, torch.zeros_like(replicate)))
+    accs = []
+    start = time.perf_counter()
+    for _ in range(epochs):
+        metrics, aux = dyn.advance(state, aux)
+        accs.append(metrics["val_acc"])
+    acc = torch.stack(accs[-tail:]).mean(0).view(replicates, n_var).double()
+    gain = acc[:, 1:] - acc[:, :1]
+    mean = gain.mean(0)
+    sem = gain.std(0) / math.sqrt(replicates)  # NaN for one replicate
+    names = [f"slot{s}.{Blueprint(bp).name}" for s, bp in variants[1:]]
+    best = int(mean.argmax())
+    return {
+        "host_alone_acc": float(acc[:, 0].mean()),
+        "gain_pp": dict(zip(names, mean.tolist())),
+        "gain_sem_pp": dict(zip(names, sem.tolist())),
+        "best": names[best], "best_gain_pp": float(mean[best]), "best_gain_sem_pp": float(sem[best]),
+        "replicates": replicates, "epochs": epochs, "seconds": time.perf_counter() - start,
+    }

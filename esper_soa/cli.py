@@ -1,5 +1,9 @@
-"""Command line: ``esper-soa demo`` (collector rollouts of the baselines, throughput) and
-``esper-soa train`` (PPO on the surrogate, compared with the baselines).
+"""Command line: ``esper-soa demo`` (collector rollouts of the baselines, throughput),
+``esper-soa train`` (PPO, then a held-out comparison with the baselines), ``esper-soa eval`` (a
+trained checkpoint next to the heuristic, random and wait controllers on held-out seeds, on any
+backend: train on the surrogate, evaluate on the real hosts) and ``esper-soa plot`` (PNGs of a run).
+``demo``, ``train`` and ``eval`` take ``--dynamics surrogate|hosts``, ``--preset`` and, for the hosts,
+``--dataset``/``--data-path``.
 
 ``run_collector`` is the one place that drives ``torchrl.collectors.Collector`` over
 ``EsperEnv``; the scripts in ``scripts/`` and the trainer's evaluation reuse it.
@@ -8,9 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tensordict.nn import TensorDictModuleBase
@@ -117,6 +124,42 @@ def run_collector(
     return stats_from_samples(samples, frames, seconds, {op.name: int(c) for op, c in zip(Op, op_counts)})
 
 
+def dynamics_config_from_args(args: argparse.Namespace) -> Any:
+    """The backend config ``--dynamics``/``--preset``/``--dataset``/``--data-path`` select (None: the
+    default surrogate). Raises ``ValueError`` with what was expected when the combination is invalid."""
+    preset = args.preset or ("calibrated" if args.dynamics == "hosts" else "default")
+    if args.dynamics == "surrogate":
+        from esper_soa.dynamics.surrogate import SURROGATE_PRESETS
+
+        if args.dataset is not None or args.data_path is not None:
+            raise ValueError("--dataset/--data-path: expected only with --dynamics hosts (the surrogate has "
+                             f"no dataset), got --dynamics surrogate --dataset {args.dataset} "
+                             f"--data-path {args.data_path}")
+        if preset not in SURROGATE_PRESETS:
+            raise ValueError(f"--preset: expected one of {', '.join(SURROGATE_PRESETS)} for the surrogate, "
+                             f"got {preset!r}")
+        return None if preset == "default" else SURROGATE_PRESETS[preset]
+    from dataclasses import replace
+    from pathlib import Path
+
+    from esper_soa.dynamics.hosts import HOSTS_PRESETS
+
+    dataset = args.dataset or "digits"
+    if dataset == "cifar10":
+        if args.data_path is None:
+            raise ValueError("--dataset cifar10: expected --data-path DIR, the unpacked 'cifar-10-batches-py' "
+                             "folder (data_batch_1..5, test_batch); nothing is downloaded")
+        if not Path(args.data_path).is_dir():
+            raise ValueError(f"--data-path: expected a directory with CIFAR-10's python batches, got "
+                             f"{args.data_path!r}, which is not a directory")
+    elif args.data_path is not None:
+        raise ValueError(f"--data-path: expected only with --dataset cifar10 (digits ships with scikit-learn), "
+                         f"got --dataset {dataset} --data-path {args.data_path}")
+    if preset not in HOSTS_PRESETS:
+        raise ValueError(f"--preset: expected one of {', '.join(HOSTS_PRESETS)} for the hosts, got {preset!r}")
+    return replace(HOSTS_PRESETS[preset], dataset=dataset, data_path=args.data_path)
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         n_envs=args.n_envs,
@@ -127,18 +170,39 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         reward_mode=args.reward_mode,
         seed=args.seed,
         device=args.device,
+        dynamics=args.dynamics,
+        dynamics_config=dynamics_config_from_args(args),
         compile=args.compile,
         validate_actions=not args.no_validate,
     )
 
 
-def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epochs: int = 150) -> None:
+INHERITED = ("slots", "topology", "max_epochs", "gate_mode", "reward_mode")  # eval: from the checkpoint
+
+
+def add_engine_args(
+    parser: argparse.ArgumentParser, n_envs: int = 256, max_epochs: int = 150, inherit: bool = False
+) -> None:
+    """Engine and backend flags. ``inherit``: the :data:`INHERITED` ones default to None (filled
+    from a checkpoint's engine by ``eval``, else from these defaults)."""
+    def default(value: object) -> object:
+        return None if inherit else value
+
     parser.add_argument("--n-envs", type=int, default=n_envs)
-    parser.add_argument("--slots", type=int, default=3)
-    parser.add_argument("--topology", default="cnn", choices=["cnn", "transformer"])
-    parser.add_argument("--max-epochs", type=int, default=max_epochs)
-    parser.add_argument("--gate-mode", default="permissive", choices=["permissive", "strict"])
-    parser.add_argument("--reward-mode", default="committed", choices=list(REWARD_MODES))
+    parser.add_argument("--slots", type=int, default=default(3))
+    parser.add_argument("--topology", default=default("cnn"), choices=["cnn", "transformer"])
+    parser.add_argument("--max-epochs", type=int, default=default(max_epochs))
+    parser.add_argument("--gate-mode", default=default("permissive"), choices=["permissive", "strict"])
+    parser.add_argument("--reward-mode", default=default("committed"), choices=list(REWARD_MODES))
+    parser.add_argument("--dynamics", default="surrogate", choices=["surrogate", "hosts"],
+                        help="host dynamics: the analytic surrogate or real batched CNN hosts")
+    parser.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
+                        help="--dynamics hosts: the task (default digits, from scikit-learn)")
+    parser.add_argument("--data-path", default=None, help="--dataset cifar10: the cifar-10-batches-py folder")
+    parser.add_argument("--preset", default=None, choices=["default", "calibrated"],
+                        help="backend constants: 'calibrated' = the narrow hosts where seeds matter / the "
+                             "surrogate fitted to them (docs/CALIBRATION.md); default: 'default' for the "
+                             "surrogate, 'calibrated' for the hosts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
@@ -152,24 +216,6 @@ def format_stats(name: str, stats: RolloutStats) -> str:
         f"final acc={stats.mean_final_accuracy:6.2f}%  committed acc={stats.committed_accuracy:6.2f}%  "
         f"fossils/ep={stats.fossils_per_episode:5.2f}"
     )
-
-
-def format_table(rows: Sequence[tuple[str, RolloutStats]]) -> str:
-    """Evaluation table: mean return and J_final (the real objective), committed and final
-    accuracy, fossils per episode, each mean with its standard error."""
-    def cell(stats: RolloutStats, value: float, name: str, width: int, digits: int) -> str:
-        return f"{value:{width}.{digits}f} ±{stats.se(name):<6.{digits}f}"
-
-    lines = [f"{'controller':15s} {'mean return':>17s} {'J_final (pp)':>16s} {'committed acc %':>16s} "
-             f"{'final acc %':>16s} {'fossils/ep':>15s} {'episodes':>9s}"]
-    for name, s in rows:
-        lines.append(
-            f"{name:15s} {cell(s, s.mean_return, 'return', 9, 2)} {cell(s, s.j_final, 'j_final', 8, 3)} "
-            f"{cell(s, s.committed_accuracy, 'committed_accuracy', 8, 2)} "
-            f"{cell(s, s.mean_final_accuracy, 'final_accuracy', 8, 2)} {cell(s, s.fossils_per_episode, 'fossils', 7, 2)} "
-            f"{s.episodes:9d}"
-        )
-    return "\n".join(lines)
 
 
 def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStats:
@@ -209,10 +255,11 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    """PPO on the surrogate, then a held-out comparison with the random and heuristic controllers."""
+    """PPO on the chosen dynamics, then the held-out table (``evaluation.compare``) and the run's plots."""
     from dataclasses import replace
 
-    from esper_soa.train import TrainConfig, evaluate, evaluate_baseline, train
+    from esper_soa.evaluation import compare
+    from esper_soa.train import TrainConfig, train
 
     # the policy only ever samples valid actions, so the per-step validation sync is skipped
     engine = replace(engine_config_from_args(args), validate_actions=False)
@@ -235,18 +282,68 @@ def train_command(args: argparse.Namespace) -> None:
     train_s = time.perf_counter() - start
     seeds = [int(s) for s in args.eval_seeds.split(",")]
     held_out = replace(engine, n_envs=args.eval_envs, compile=False)
-    rows = [
-        ("ppo (sampled)", evaluate(result.model, held_out, seeds, greedy=False)),
-        ("ppo (greedy)", evaluate(result.model, held_out, seeds, greedy=True)),
-        ("random", evaluate_baseline("random", held_out, seeds)),
-        ("heuristic", evaluate_baseline("heuristic", held_out, seeds)),
-    ]
     frames = result.history[-1]["frames"] if result.history else 0
     print(f"\ntrained {len(result.history)} updates ({frames:,} frames) in {train_s:.0f} s"
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
-    print(f"held-out env seeds {seeds} x {args.eval_envs} envs, {engine.max_epochs}-epoch episodes, "
-          f"{engine.reward_mode} reward:")
+    print_comparison(compare(result.model, held_out, seeds), held_out, seeds,
+                     result.log_dir / "eval.json" if result.log_dir else None)
+    if result.log_dir is not None and importlib.util.find_spec("matplotlib") is not None:
+        plot_command(argparse.Namespace(run=str(result.log_dir), envs=4, seed=seeds[0]))
+
+
+def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path: Any = None) -> None:
+    """The held-out table of ``train`` and ``eval`` (and its JSON next to the run, if given)."""
+    import json
+
+    from esper_soa.evaluation import format_table
+
+    print(f"held-out env seeds {seeds} x {cfg.n_envs} envs, {cfg.max_epochs}-epoch episodes, "
+          f"{cfg.dynamics} dynamics, {cfg.reward_mode} reward (mean ± standard error over episodes):")
     print(format_table(rows))
+    if json_path is not None:
+        payload = {"engine": {"dynamics": cfg.dynamics, "n_envs": cfg.n_envs, "max_epochs": cfg.max_epochs,
+                              "reward_mode": cfg.reward_mode, "n_slots": cfg.n_slots, "seeds": seeds},
+                   "rows": {r.name: r.summary() for r in rows}}
+        with open(json_path, "w") as fh:
+            json.dump(payload, fh, indent=1)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """A checkpoint's policy (optional) and the baselines on held-out seeds, on any backend."""
+    from esper_soa.evaluation import compare, load_checkpoint_model
+
+    model, trained = (None, None)
+    if args.checkpoint is not None:
+        model, trained = load_checkpoint_model(args.checkpoint, args.device)
+    base = trained.engine if trained is not None else EngineConfig()
+    for name in INHERITED:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(base, "n_slots" if name == "slots" else name))
+    if args.slots != base.n_slots and trained is not None:
+        raise ValueError(f"--slots: the checkpoint's policy was trained with {base.n_slots} slots "
+                         f"(its observation size), got --slots {args.slots}")
+    cfg = engine_config_from_args(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print_comparison(compare(model, cfg, seeds, args.baselines), cfg, seeds, args.json)
+
+
+def plot_command(args: argparse.Namespace) -> None:
+    """PNGs of a run directory: learning curves and a lifecycle swimlane (``esper_soa.plots``)."""
+    from esper_soa.plots import plot_run
+
+    for path in plot_run(args.run, n_envs=args.envs, seed=args.seed):
+        print(f"wrote {path}")
+
+
+def baseline_list(text: str) -> list[str]:
+    """``--baselines``: comma-separated names from ``evaluation.BASELINES`` (may be empty)."""
+    from esper_soa.evaluation import BASELINES
+
+    names = [b for b in text.split(",") if b]
+    bad = [b for b in names if b not in BASELINES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(BASELINES)}, got {', '.join(bad)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(p_demo, n_envs=256, max_epochs=150)
     p_demo.add_argument("--episodes", type=int, default=1)
     p_demo.set_defaults(func=demo)
-    p_train = sub.add_parser("train", help="PPO on the surrogate (a few CPU minutes), compared with the baselines")
+    p_train = sub.add_parser("train", help="PPO (on the surrogate: a few CPU minutes), compared with the baselines")
     add_engine_args(p_train, n_envs=256, max_epochs=150)  # ~4 min on a busy 2-core CPU
     p_train.add_argument("--updates", type=int, default=40)
     p_train.add_argument("--rollout-len", type=int, default=None, help="steps per env per update (default: max epochs)")
@@ -266,13 +363,34 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--lr", type=float, default=3e-4)
     p_train.add_argument("--ppo-epochs", type=int, default=4)
     p_train.add_argument("--minibatches", type=int, default=4)
-    p_train.add_argument("--log-dir", default=None, help="metrics.jsonl / metrics.csv / checkpoint.pt go here")
+    p_train.add_argument("--log-dir", default=None, help="metrics (TorchRL CSV/TensorBoard), checkpoint.pt, eval.json and plots go here")
     p_train.add_argument("--checkpoint-every", type=int, default=10)
     p_train.add_argument("--resume", default=None, help="checkpoint to resume from")
     p_train.add_argument("--eval-seeds", default="1000,1001", help="held-out env seeds, comma-separated")
     p_train.add_argument("--eval-envs", type=int, default=128)
     p_train.set_defaults(func=train_command)
+    p_eval = sub.add_parser("eval", help="a checkpoint next to the heuristic, random and wait controllers")
+    p_eval.add_argument("--checkpoint", default=None, help="RUN/checkpoint.pt (omit: baselines only)")
+    add_engine_args(p_eval, n_envs=32, inherit=True)
+    p_eval.add_argument("--seeds", default="1000,1001", help="held-out env seeds, comma-separated")
+    p_eval.add_argument("--baselines", type=baseline_list, default="heuristic,random,wait",
+                        help="comma-separated, may be empty")
+    p_eval.add_argument("--json", default=None, help="also write the table as JSON here")
+    p_eval.set_defaults(func=eval_command)
+    p_plot = sub.add_parser("plot", help="PNGs of a run: learning curves and a lifecycle swimlane")
+    p_plot.add_argument("run", help="the --log-dir of 'esper-soa train'")
+    p_plot.add_argument("--envs", type=int, default=4, help="envs in the swimlane")
+    p_plot.add_argument("--seed", type=int, default=1000, help="held-out engine seed of the swimlane episode")
+    p_plot.set_defaults(func=plot_command)
     args = parser.parse_args(argv)
+    if hasattr(args, "dynamics"):
+        try:  # bad backend flags: one clear line before any work, not a traceback
+            dynamics_config_from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if getattr(args, "checkpoint", None) is not None and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint: expected RUN/checkpoint.pt written by 'esper-soa train --log-dir RUN', "
+                     f"got {args.checkpoint!r}, which is not a file")
     args.func(args)
 
 

@@ -79,6 +79,8 @@ class Engine:
         elif cfg.compile:  # eager host epoch between two compiled lifecycle graphs
             self._act_fn = torch.compile(self._act_and_reward, fullgraph=True)
             self._finish_fn = torch.compile(self._finish, fullgraph=True)
+        if not getattr(self.dynamics, "compilable", True):
+            self._reset_fn = self._reset_subset  # an eager host epoch: run it for the reset rows only
         self.masks = compute_masks(self._state, self.tables, cfg)
         self._started = False
 
@@ -171,13 +173,39 @@ class Engine:
     def _reset_impl(
         self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
     ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        """Reset as one pure function over all E rows (compilable backends: a host epoch is cheap)."""
         fresh_aux = self.dynamics.reset_aux(aux, rows, keys)
         fresh, fresh_aux, _ = self._host_epoch(self._fresh, fresh_aux)
-        state = reset_rows(state, fresh, rows)
         aux = {
             k: torch.where(rows.reshape((-1,) + (1,) * (v.dim() - 1)), fresh_aux[k], v).contiguous()
             for k, v in aux.items()
         }
+        return self._reset_emit(state, fresh, aux, rows)
+
+    def _reset_subset(
+        self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        """Reset for eager backends (real hosts): only the k reset rows are gathered, re-drawn and
+        run through their first host epoch, then scattered back, so a reset costs O(k) host work and
+        every other row's backend state (parameters, optimiser buffers, RNG) is left untouched.
+
+        Reads ``rows`` on the host (one sync; such a backend's ``advance`` syncs anyway) and needs
+        ``advance``/``reset_aux`` to accept any number of rows (see ``DynamicsBackend``).
+        """
+        idx = rows.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return self._reset_emit(state, self._fresh, aux, rows)
+        sub = {k: v.index_select(0, idx) for k, v in aux.items()}
+        sub = self.dynamics.reset_aux(sub, torch.ones_like(idx, dtype=torch.bool), keys.index_select(0, idx))
+        fresh_sub, sub, _ = self._host_epoch(_take_rows(self._fresh, idx), sub)
+        aux = {k: v.index_copy(0, idx, sub[k]) for k, v in aux.items()}
+        return self._reset_emit(state, _put_rows(self._fresh, idx, fresh_sub), aux, rows)
+
+    def _reset_emit(
+        self, state: State, fresh: State, aux: dict, rows: torch.Tensor
+    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
+        """Take ``fresh`` for the reset rows and observe every env (done flags false, reward 0)."""
+        state = reset_rows(state, fresh, rows)
         out = emit(state, self.tables, self.cfg)
         false = torch.zeros_like(rows)[:, None]
         out.update(
@@ -190,6 +218,18 @@ class Engine:
             acc_committed=state["acc_committed"],
         )
         return state, aux, out
+
+
+def _take_rows(state: State, idx: torch.Tensor) -> State:
+    """The envs ``idx`` of a nested state (a k-env state)."""
+    return {k: _take_rows(v, idx) if k == "slots" else v.index_select(0, idx) for k, v in state.items()}
+
+
+def _put_rows(state: State, idx: torch.Tensor, rows: State) -> State:
+    """``state`` with the envs ``idx`` replaced by the k-env state ``rows`` (out of place; ``clone``
+    keeps each field's layout, e.g. the slot-major slot fields, which ``index_copy`` would not)."""
+    return {k: _put_rows(v, idx, rows[k]) if k == "slots" else v.clone().index_copy_(0, idx, rows[k])
+            for k, v in state.items()}
 
 
 def _bool_masks(result: tuple[State, dict, dict[str, torch.Tensor]]) -> tuple[State, dict, dict[str, torch.Tensor]]:

@@ -1,5 +1,5 @@
 """PPO trainer for the factored Esper policy: batched collection, GAE, minibatch PPO epochs,
-JSONL/CSV metrics, exact checkpoint/resume, and held-out evaluation against the baselines.
+metrics through TorchRL's loggers (CSV, TensorBoard when installed), exact checkpoint/resume, and held-out evaluation against the baselines.
 
 Collection drives the engine directly by default: every step is one batched policy call and
 one ``Engine.step`` over all E envs, done rows are reset together (``Engine.reset(rows)``), and
@@ -21,8 +21,6 @@ in-flight episodes).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import time
@@ -481,9 +479,10 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else None
-        if log_dir is not None:  # a crash mid-save leaves a temp file; a resume, logs past its update
+        if log_dir is not None:  # a crash mid-save leaves a temp file; a resume, logged steps past its checkpoint
             (log_dir / "checkpoint.tmp").unlink(missing_ok=True)
-        logger = _MetricsLogger(log_dir, self.update_index) if log_dir is not None else None
+            trim_scalars(log_dir / METRICS_DIR / "scalars", self.frames)
+        loggers = run_loggers(log_dir) if log_dir is not None else []
         checkpoint = None
         history = []
         bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not cfg.progress, desc="PPO", unit="upd")
@@ -491,8 +490,7 @@ class Trainer:
             while self.update_index < cfg.updates:
                 row = self.step()
                 history.append(row)
-                if logger is not None:
-                    logger.write(row)
+                log_row(loggers, row)
                 ret = row["mean_return"]
                 ret = "-" if ret is None else f"{ret:.2f}"
                 bar.set_postfix(ret=ret, kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:,.0f}")
@@ -503,8 +501,6 @@ class Trainer:
                     checkpoint = self.save(log_dir / "checkpoint.pt")
         finally:
             bar.close()
-            if logger is not None:
-                logger.close()
         return TrainResult(self.model, history, checkpoint, log_dir)
 
 
@@ -517,67 +513,52 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-class _MetricsLogger:
-    """Append one row per update to ``metrics.jsonl`` and ``metrics.csv`` in ``log_dir``.
-
-    Opening it first cuts both files back to the rows of updates ``<= start_update`` (the
-    checkpoint being resumed; 0 for a fresh run), so a resumed run's logs equal those of an
-    uninterrupted run even when the killed run logged updates after its last checkpoint."""
-
-    def __init__(self, log_dir: Path, start_update: int = 0) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_dir / "metrics.jsonl", start_update, lambda line: json.loads(line)["update"])
-        _truncate_log(log_dir / "metrics.csv", start_update, None)
-        self.jsonl = open(log_dir / "metrics.jsonl", "a")
-        csv_path = log_dir / "metrics.csv"
-        self._csv_new = not csv_path.exists() or csv_path.stat().st_size == 0
-        self.csv_file = open(csv_path, "a", newline="")
-        self.csv: csv.DictWriter | None = None
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
-        if self.csv is None:
-            self.csv = csv.DictWriter(self.csv_file, fieldnames=list(row))
-            if self._csv_new:
-                self.csv.writeheader()
-        self.csv.writerow(row)
-        self.csv_file.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.csv_file.close()
+METRICS_DIR = "metrics"  # TorchRL CSVLogger experiment: LOG_DIR/metrics/scalars/<name>.csv ("frames,value")
 
 
-def _truncate_log(path: Path, last_update: int, update_of: Callable[[str], int] | None) -> None:
-    """Keep the rows of ``path`` whose update is ``<= last_update`` (``update_of`` None: a CSV
-    whose header stays and whose ``update`` column is read); rewritten atomically, untouched if
-    nothing goes. A torn last line (a kill mid-write) goes too."""
-    if not path.exists():
-        return
-    text = path.read_text()
-    lines = text.splitlines(keepends=True)
-    head: list[str] = []
-    if update_of is None and lines:
-        header = next(csv.reader([lines[0]]))
-        column = header.index("update") if "update" in header else -1
-        head, lines = lines[:1], lines[1:]
+def run_loggers(log_dir: Path) -> list[Any]:
+    """TorchRL loggers of a run: CSV (always; what ``esper-soa plot`` reads) and TensorBoard
+    (``LOG_DIR/tensorboard``) when the ``tensorboard`` package is installed."""
+    import importlib.util
 
-        def update_of(line: str) -> int:
-            return int(next(csv.reader([line]))[column])
+    from torchrl.record.loggers import CSVLogger
 
-    keep = []
-    for line in lines:
-        try:
-            if line.endswith("\n") and update_of(line) <= last_update:
-                keep.append(line)
-        except (ValueError, KeyError, IndexError, TypeError):
-            pass  # not a complete row of ours
-    kept = "".join((head if keep else []) + keep)
-    if kept != text:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(kept)
-        tmp.replace(path)
+    loggers: list[Any] = [CSVLogger(METRICS_DIR, log_dir=str(log_dir))]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from torchrl.record.loggers import TensorboardLogger
+
+        loggers.append(TensorboardLogger("tensorboard", log_dir=str(log_dir)))
+    return loggers
+
+
+def log_row(loggers: Sequence[Any], row: Mapping[str, Any]) -> None:
+    """Every numeric metric of one update, against the frames seen so far (None = undefined, skipped)."""
+    step = int(row["frames"])
+    for name, value in row.items():
+        if value is not None and name != "frames":
+            for logger in loggers:
+                logger.log_scalar(name, float(value), step=step)
+
+
+def trim_scalars(scalars_dir: Path, last_step: int) -> None:
+    """Cut every CSV scalar log (TorchRL ``CSVLogger``: ``step,value`` lines, step = frames) back
+    to the steps ``<= last_step`` (the checkpoint being resumed), so a resumed run's logs equal an
+    uninterrupted run's even when the killed run logged updates after its last checkpoint. A torn
+    last line (a kill mid-write) goes too; each file is rewritten atomically, and only if it
+    changes. (TensorBoard event files are append-only and are not trimmed.)"""
+    for path in sorted(scalars_dir.glob("*.csv")) if scalars_dir.is_dir() else ():
+        text = path.read_text()
+        keep = []
+        for line in text.splitlines(keepends=True):
+            try:
+                if line.endswith("\n") and int(line.split(",", 1)[0]) <= last_step:
+                    keep.append(line)
+            except ValueError:
+                pass  # not a complete row
+        if "".join(keep) != text:
+            tmp = path.with_suffix(".csv.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
 
 
 def _fsync_dir(directory: Path) -> None:

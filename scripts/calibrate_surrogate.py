@@ -7,9 +7,10 @@ the default and the fitted config under the same controllers; writes ``docs/cali
 and ``docs/calibration.png`` and prints the fitted ``SurrogateConfig(...)`` literal and the
 comparison tables (markdown, as used in ``docs/CALIBRATION.md``).
 
-    python scripts/calibrate_surrogate.py [--n-envs 64] [--max-epochs 80] [--minibatches 4]
+    python scripts/calibrate_surrogate.py [--preset calibrated] [--n-envs 64] [--max-epochs 80]
 
-Defaults take about 2 minutes on 2 shared CPU cores (one torch thread).
+It first measures the hosts' seed headroom (``calibration.seed_headroom``: what a good seed can add
+at all). Defaults take a few minutes on 2 shared CPU cores (one torch thread).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from esper_soa.calibration import (  # noqa: E402
     contribution_by_alpha,
     plot_calibration,
     run_calibration,
+    seed_headroom,
 )
-from esper_soa.dynamics.hosts import HostsConfig  # noqa: E402
+from esper_soa.dynamics.hosts import HOSTS_PRESETS  # noqa: E402
 
 STAT_ROWS = (
     ("final_acc_mean", "final val_acc, mean (%)"),
@@ -113,9 +115,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-envs", type=int, default=64, help="real host envs per run")
     ap.add_argument("--max-epochs", type=int, default=80, help="episode length (epochs)")
-    ap.add_argument("--minibatches", type=int, default=4, help="HostsConfig.minibatches_per_epoch")
-    ap.add_argument("--minibatch-size", type=int, default=32, help="HostsConfig.minibatch_size")
-    ap.add_argument("--val-size", type=int, default=256, help="HostsConfig.val_size")
+    ap.add_argument("--preset", default="calibrated", choices=sorted(HOSTS_PRESETS),
+                    help="hosts configuration (HOSTS_PRESETS); the flags below override its fields")
+    ap.add_argument("--minibatches", type=int, default=None, help="HostsConfig.minibatches_per_epoch")
+    ap.add_argument("--minibatch-size", type=int, default=None, help="HostsConfig.minibatch_size")
+    ap.add_argument("--val-size", type=int, default=None, help="HostsConfig.val_size")
+    ap.add_argument("--headroom-replicates", type=int, default=12,
+                    help="hosts per variant in the seed-headroom measurement (0: skip it)")
+    ap.add_argument("--headroom-epochs", type=int, default=60)
     ap.add_argument("--surrogate-envs", type=int, default=512, help="envs per surrogate comparison run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the intervals")
@@ -125,9 +132,16 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    hcfg = HostsConfig(minibatches_per_epoch=args.minibatches, minibatch_size=args.minibatch_size,
-                       val_size=args.val_size)
+    overrides = {"minibatches_per_epoch": args.minibatches, "minibatch_size": args.minibatch_size,
+                 "val_size": args.val_size}
+    hcfg = dataclasses.replace(HOSTS_PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     start = time.perf_counter()
+    headroom = None
+    if args.headroom_replicates:
+        headroom = seed_headroom(hcfg, replicates=args.headroom_replicates, epochs=args.headroom_epochs,
+                                 seed=args.seed)
+        print(f"seed headroom: host alone {headroom['host_alone_acc']:.2f} %, best {headroom['best']} "
+              f"{headroom['best_gain_pp']:+.2f} +- {headroom['best_gain_sem_pp']:.2f} pp ({headroom['seconds']:.0f} s)")
     res = run_calibration(n_envs=args.n_envs, max_epochs=args.max_epochs, hosts_config=hcfg,
                           surrogate_envs=args.surrogate_envs, seed=args.seed, n_boot=args.n_boot)
     plot_calibration(res, str(args.out_png))
@@ -157,6 +171,8 @@ def main() -> None:
                              "resid_std": fit.resid_std},
         "stats": res["stats"],
         "contribution_by_alpha": res["by_alpha"],
+        "preset": args.preset,
+        "seed_headroom": headroom,
     }
     args.out_json.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
     print(f"\n# {seconds:.0f} s in all; wrote {args.out_json} and {args.out_png}\n")

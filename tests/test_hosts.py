@@ -33,7 +33,7 @@ from esper_soa.engine import Engine
 from esper_soa.spec import AlphaAlgorithm as A
 from esper_soa.spec import Blueprint as BP
 from esper_soa.spec import Stage
-from esper_soa.state import make_state
+from esper_soa.state import as_dict, make_state
 from tests.helpers import random_action
 
 S = 3
@@ -317,3 +317,45 @@ def test_runs_inside_the_engine() -> None:
     st = eng.state
     assert ((st["val_acc"] > 0) & (st["val_acc"] <= 100)).all()
     assert (st["host_params"] == eng.dynamics.host_params).all()
+
+
+def test_partial_reset_runs_only_the_reset_rows() -> None:
+    """``Engine.reset(rows)`` on the hosts runs a host epoch for the k reset envs only (O(k)): the
+    backend sees k rows, every other row's hosts, momenta and RNG stay bit-identical, and the reset
+    rows get what a reset of all envs gives them (same keys)."""
+    cfg = EngineConfig(n_envs=5, n_slots=S, max_epochs=6)
+    eng = Engine(cfg, dynamics=BatchedHostsDynamics(cfg, HCFG))
+    g = np.random.default_rng(1)
+    eng.reset()
+    for _ in range(3):
+        eng.step(random_action(g, eng.masks, S, p_arbitrary=0.0))
+    seen: list[int] = []
+    advance = eng.dynamics.advance
+
+    def spy(state: dict, aux: dict) -> tuple[dict, dict]:
+        seen.append(int(aux["rng_key"].shape[0]))
+        return advance(state, aux)
+
+    eng.dynamics.advance = spy
+    rows = torch.tensor([False, True, False, True, False])
+    before, state_before, episode = dict(eng.aux), eng.state.clone(), eng.episode.clone()
+    keys = rng.episode_seed(eng.base_seed, eng.env_index, episode)
+    out = eng.reset(rows)
+    assert seen == [2]
+    for k, v in before.items():
+        assert torch.equal(eng.aux[k][~rows], v[~rows]), k
+    st = eng.state
+    for k in ("val_acc", "epoch", "episode_return", "acc_history"):
+        assert torch.equal(st[k][~rows], state_before[k][~rows]), k
+    assert (st["epoch"][rows] == 0).all() and not out["done"].any()
+    assert eng._state["slots"]["alpha"].stride() == eng._fresh["slots"]["alpha"].stride()  # slot-major kept
+    # the reset rows equal the all-rows (where-based) reset with the same keys
+    _, full_aux, full_out = eng._reset_impl(as_dict(state_before), before, torch.ones_like(rows), keys)
+    for k, v in full_aux.items():
+        torch.testing.assert_close(eng.aux[k][rows], v[rows], msg=k)
+    torch.testing.assert_close(out["observation"][rows], full_out["observation"][rows])
+    # no rows: no host epoch at all
+    seen.clear()
+    kept = dict(eng.aux)
+    eng.reset(torch.zeros_like(rows))
+    assert seen == [] and all(torch.equal(eng.aux[k], v) for k, v in kept.items())

@@ -12,7 +12,7 @@ import torch
 
 from esper_soa.config import EngineConfig
 from esper_soa.spec import Op
-from esper_soa.train import TIMING_KEYS, TrainConfig, Trainer, evaluate, evaluate_baseline, train
+from esper_soa.train import METRICS_DIR, TIMING_KEYS, TrainConfig, Trainer, evaluate, evaluate_baseline, train
 
 
 def small(**overrides) -> TrainConfig:
@@ -64,13 +64,15 @@ def test_resume_is_bit_exact(tmp_path, recurrent: str | None) -> None:
     assert _comparable(resumed.history[0]) == _comparable(full.history[2])
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
-    # one JSONL line and one CSV row per update, across the resume
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["update"] for x in lines] == [1, 2, 3]
-    with open(tmp_path / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["update"]) for r in rows] == [1, 2, 3]
-    assert float(rows[2]["approx_kl"]) == pytest.approx(full.history[2]["approx_kl"])
+    # one row per update in TorchRL's CSV logger (step = frames), across the resume
+    scalars = tmp_path / METRICS_DIR / "scalars"
+    with open(scalars / "update.csv") as f:
+        rows = list(csv.reader(f))
+    assert [float(v) for _, v in rows] == [1, 2, 3]
+    assert [int(s) for s, _ in rows] == [r["frames"] for r in full.history]
+    with open(scalars / "approx_kl.csv") as f:
+        kl = [float(v) for _, v in csv.reader(f)]
+    assert kl[2] == pytest.approx(full.history[2]["approx_kl"])
 
 
 def test_resume_refuses_a_different_config(tmp_path) -> None:
@@ -189,11 +191,13 @@ def test_cli_train_prints_the_comparison_table(tmp_path, capsys) -> None:
     main(["train", "--n-envs", "16", "--max-epochs", "6", "--updates", "2", "--eval-envs", "8",
           "--eval-seeds", "100", "--log-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    rows = {line.split("  ")[0].strip(): line.split()[-4:] for line in out.splitlines()
-            if line.startswith(("ppo", "random", "heuristic"))}
-    assert set(rows) == {"ppo (sampled)", "ppo (greedy)", "random", "heuristic"}
-    assert all(int(r[-1]) == 8 for r in rows.values())  # one 6-epoch episode per held-out env
+    rows = {cells[1].strip(): cells[2:] for cells in (line.split("|") for line in out.splitlines())
+            if len(cells) > 3 and cells[1].strip().startswith(("ppo", "random", "heuristic", "wait"))}
+    assert set(rows) == {"ppo (sampled)", "ppo (greedy)", "random", "heuristic", "wait"}
+    assert all(int(r[0]) == 8 for r in rows.values())  # one 6-epoch episode per held-out env
     assert (tmp_path / "checkpoint.pt").exists()
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["rows"]) == set(rows) and saved["rows"]["wait"]["fossils"]["mean"] == 0.0
 
 
 def test_train_ppo_script_runs_the_torchrl_loop() -> None:

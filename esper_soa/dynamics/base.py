@@ -36,7 +36,9 @@ class DynamicsBackend(Protocol):
 
     ``compilable``: whether ``advance`` is a pure tensor function that
     ``torch.compile(fullgraph=True)`` accepts (the engine then compiles the whole step as one
-    graph; otherwise it compiles the lifecycle parts around an eager ``advance``).
+    graph; otherwise it compiles the lifecycle parts around an eager ``advance``). A backend that is
+    not compilable must accept any number of rows in ``reset_aux`` and ``advance`` (per-env state,
+    nothing sized by ``cfg.n_envs``): the engine resets k envs by running them alone (O(k)).
     ``seed_params_table``: ``[S, 13]`` parameter count of each blueprint in each slot as the
     backend builds them, or ``None`` to use the spec's table (what the rent and shock terms price).
     """

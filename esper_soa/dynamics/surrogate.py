@@ -135,6 +135,20 @@ class SurrogateConfig:
                 raise bad(f.name, ">= 0")
 
 
+# Named configurations (``esper-soa --dynamics surrogate --preset NAME``): the hand-set defaults, and
+# "calibrated", fitted by ``scripts/calibrate_surrogate.py`` to the calibrated real hosts
+# (``dynamics.hosts.HOSTS_PRESETS["calibrated"]``), see docs/CALIBRATION.md: train on it, evaluate on
+# ``--dynamics hosts``.
+SURROGATE_PRESETS: dict[str, SurrogateConfig] = {
+    "default": SurrogateConfig(),
+    "calibrated": SurrogateConfig(
+        host_acc0_min=0.0, host_acc0_max=18.631, host_acc_max_min=76.964, host_acc_max_max=97.887,
+        host_tau_min=9.26, host_tau_max=36.896, eval_noise_std=3.365, cf_noise_std=4.515,
+        benefit_pp=15.651, benefit_std=0.458,
+    ),
+}
+
+
 # RNG stream ids. Latent draws use counter 0 of their own streams at reset; per-epoch noise uses the
 # env's running counter, so the two families never collide.
 _ST_EVAL = 1  # shared validation noise [E]
