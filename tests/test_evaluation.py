@@ -56,7 +56,9 @@ def test_outcomes_are_read_at_the_end_of_each_episode() -> None:
     wait = evaluate_controller("wait", baseline_factory("wait"), CFG, seeds)
     assert (wait.outcomes["fossils"] == 0).all() and (wait.outcomes["j_final"] == 0).all()
     torch.testing.assert_close(wait.outcomes["acc_committed"], wait.outcomes["final_acc"])
-    assert wait.sem("return") > 0 and heu.summary()["j_final"]["sem"] >= 0
+    # COMMITTED pays nothing to a controller that never acts; the heuristic's returns vary
+    assert (wait.outcomes["return"] == 0).all() and wait.sem("return") == 0
+    assert heu.sem("return") > 0 and heu.summary()["j_final"]["sem"] >= 0
 
 
 def test_checkpoint_round_trip_and_surrogate_to_hosts(tmp_path) -> None:
