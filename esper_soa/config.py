@@ -22,6 +22,10 @@ class EngineConfig:
     ``enabled_slots`` (default: all) lets a config enable a subset of the S slot positions
     (SPEC §1): disabled slots stay DORMANT, are masked for every op, and count in S.
     ``max_seeds`` caps the number of slots holding a seed at once (0 = no cap).
+    ``threads`` is the number of OpenMP threads inside the compiled CPU step (0 =
+    ``torch.get_num_threads()`` when the engine is built). Inductor bakes it into the kernels at
+    compile time; the default 1 has no parallel regions, so no barrier waits for a thread that
+    a neighbouring process has descheduled (bench/RESULTS.md, "Threads under load").
     """
 
     n_envs: int = 8
@@ -40,6 +44,7 @@ class EngineConfig:
     dynamics: str = "surrogate"
     dynamics_config: Any = None
     compile: bool = False
+    threads: int = 1
     validate_actions: bool = True
 
     def __post_init__(self) -> None:
@@ -60,6 +65,8 @@ class EngineConfig:
             raise bad("reward_mode", f"one of {REWARD_MODES}", self.reward_mode)
         if not isinstance(self.max_seeds, int) or self.max_seeds < 0:
             raise bad("max_seeds", "an int >= 0 (0 = no limit)", self.max_seeds)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise bad("threads", "an int >= 0 (0 = torch.get_num_threads())", self.threads)
         if self.enabled_slots is not None:
             if len(self.enabled_slots) != self.n_slots or not any(self.enabled_slots):
                 raise bad(
@@ -77,6 +84,11 @@ class EngineConfig:
         """The device as tensors report it: ``"cuda"`` becomes ``cuda:<current index>``, so
         device checks compare like with like."""
         return torch.empty(0, device=self.device).device
+
+    @property
+    def compile_options(self) -> dict[str, int]:
+        """Inductor options of the compiled step: its CPU kernels' thread count."""
+        return {"cpp.threads": self.threads or torch.get_num_threads()}
 
     @property
     def slots_enabled(self) -> tuple[bool, ...]:
