@@ -105,6 +105,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         device=args.device,
         compile=args.compile,
+        threads=args.threads,
         validate_actions=not args.no_validate,
     )
 
@@ -119,7 +120,20 @@ def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epoc
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads for torch and the compiled step (0 = torch's default); 1 holds up next to other jobs",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip per-step action checks (no host sync)")
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's process-wide CPU thread count for a command (0 keeps torch's default). Each
+    parallel op ends at a barrier that waits for its slowest thread, so with other jobs on the
+    cores 2 threads can run ~10x slower than 1 (bench/RESULTS.md, "Threads under load"). An
+    application may set this; the library never does."""
+    if threads > 0:  # a negative count is reported by EngineConfig
+        torch.set_num_threads(threads)
 
 
 def format_stats(name: str, stats: RolloutStats) -> str:
@@ -146,6 +160,7 @@ def collect_script(name: str, argv: list[str] | None = None) -> None:
     add_engine_args(parser, n_envs=1024)
     parser.add_argument("--episodes", type=int, default=2)
     args = parser.parse_args(argv)
+    use_threads(args.threads)
     stats = collect_baseline(name, engine_config_from_args(args), args.episodes)
     print(format_stats(name, stats))
     print("ops:", stats.op_counts)
@@ -226,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--eval-envs", type=int, default=128)
     p_train.set_defaults(func=train_command)
     args = parser.parse_args(argv)
+    use_threads(args.threads)
     args.func(args)
 
 
