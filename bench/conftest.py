@@ -5,6 +5,7 @@ each module can assert *ratios* (compiled vs reference, wrapper vs engine) measu
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import time
@@ -87,9 +88,14 @@ def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, me
 @contextmanager
 def neighbours(count: int, max_seconds: float = 600.0) -> Iterator[None]:
     """``count`` CPU-bound neighbour processes (pure-Python busy loops) for the duration of the
-    block: the load a policy update or another job puts on a shared machine. Each one also ends
-    itself after ``max_seconds``, so none outlives a benchmark killed without cleanup."""
-    code = f"import time\nend = time.monotonic() + {max_seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    block: the load a policy update or another job puts on a shared machine. They are killed when
+    the block exits (also on an exception); each one also ends itself after ``max_seconds`` or as
+    soon as this process is gone (its parent changes), so none outlives a killed benchmark."""
+    code = (
+        f"import os, time\nend = time.monotonic() + {max_seconds}\n"
+        f"while time.monotonic() < end and os.getppid() == {os.getpid()}:\n"
+        "    for _ in range(100_000):\n        pass\n"
+    )
     procs = []
     try:
         for _ in range(count):
