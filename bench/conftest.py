@@ -5,9 +5,12 @@ each module can assert *ratios* (compiled vs reference, wrapper vs engine) measu
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,30 @@ def bench_reference(benchmark, results: dict, cfg, state: dict, action: dict, me
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     results[("reference_nogc", cfg.n_envs)] = time_without_gc(run, setup, rounds=2)
     benchmark.extra_info["mean_s_gc_off"] = results[("reference_nogc", cfg.n_envs)]
+
+
+@contextmanager
+def neighbours(count: int, max_seconds: float = 600.0) -> Iterator[None]:
+    """``count`` CPU-bound neighbour processes (pure-Python busy loops) for the duration of the
+    block: the load a policy update or another job puts on a shared machine. They are killed when
+    the block exits (also on an exception); each one also ends itself after ``max_seconds`` or as
+    soon as this process is gone (its parent changes), so none outlives a killed benchmark."""
+    code = (
+        f"import os, time\nend = time.monotonic() + {max_seconds}\n"
+        f"while time.monotonic() < end and os.getppid() == {os.getpid()}:\n"
+        "    for _ in range(100_000):\n        pass\n"
+    )
+    procs = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        time.sleep(0.5)  # let the scheduler see them running
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def require(results: dict, *keys: tuple) -> None:

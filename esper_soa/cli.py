@@ -173,6 +173,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dynamics=args.dynamics,
         dynamics_config=dynamics_config_from_args(args),
         compile=args.compile,
+        threads=args.threads,
         validate_actions=not args.no_validate,
     )
 
@@ -206,7 +207,20 @@ def add_engine_args(
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine step")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads for torch and the compiled step (0 = torch's default); 1 holds up next to other jobs",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip per-step action checks (no host sync)")
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's process-wide CPU thread count for a command (0 keeps torch's default). Each
+    parallel op ends at a barrier that waits for its slowest thread, so with other jobs on the
+    cores 2 threads can run ~10x slower than 1 (bench/RESULTS.md, "Threads under load"). An
+    application may set this; the library never does."""
+    if threads > 0:  # a negative count is reported by EngineConfig
+        torch.set_num_threads(threads)
 
 
 def format_stats(name: str, stats: RolloutStats) -> str:
@@ -242,6 +256,7 @@ def collect_script(name: str, argv: list[str] | None = None) -> None:
     add_engine_args(parser, n_envs=1024)
     parser.add_argument("--episodes", type=int, default=2)
     args = parser.parse_args(argv)
+    use_threads(args.threads)
     stats = collect_baseline(name, engine_config_from_args(args), args.episodes)
     print(format_stats(name, stats))
     print("ops:", stats.op_counts)
@@ -391,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "checkpoint", None) is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint: expected RUN/checkpoint.pt written by 'esper-soa train --log-dir RUN', "
                      f"got {args.checkpoint!r}, which is not a file")
+    use_threads(args.threads)
     args.func(args)
 
 

@@ -31,6 +31,10 @@ class EngineConfig:
     ``enabled_slots`` (default: all) lets a config enable a subset of the S slot positions
     (SPEC §1): disabled slots stay DORMANT, are masked for every op, and count in S.
     ``max_seeds`` caps the number of slots holding a seed at once (0 = no cap).
+    ``threads`` is the number of OpenMP threads inside the compiled CPU step (0 =
+    ``torch.get_num_threads()`` when the engine is built). Inductor bakes it into the kernels at
+    compile time; the default 1 has no parallel regions, so no barrier waits for a thread that
+    a neighbouring process has descheduled (bench/RESULTS.md, "Threads under load").
     """
 
     n_envs: int = 8
@@ -49,6 +53,7 @@ class EngineConfig:
     dynamics: str = "surrogate"
     dynamics_config: Any = None
     compile: bool = False
+    threads: int = 1
     validate_actions: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +73,7 @@ class EngineConfig:
         setint("seed", 0, MAX_SEED)
         for name in ("auto_forward_g1", "auto_forward_g2", "auto_forward_g3", "compile", "validate_actions"):
             object.__setattr__(self, name, expect_bool(f"EngineConfig.{name}", getattr(self, name)))
+        setint("threads", 0)  # 0 = torch.get_num_threads()
         if self.enabled_slots is not None:
             slots = self.enabled_slots
             expected = f"None or {self.n_slots} bools with at least one True"
@@ -96,6 +102,11 @@ class EngineConfig:
         """The device as tensors report it: ``"cuda"`` becomes ``cuda:<current index>``, so
         device checks compare like with like."""
         return torch.empty(0, device=self.device).device
+
+    @property
+    def compile_options(self) -> dict[str, int]:
+        """Inductor options of the compiled step: its CPU kernels' thread count."""
+        return {"cpp.threads": self.threads or torch.get_num_threads()}
 
     @property
     def slots_enabled(self) -> tuple[bool, ...]:

@@ -73,12 +73,13 @@ class Engine:
         self._step_fn = self._step_impl
         self._reset_fn = self._reset_impl
         self._act_fn, self._finish_fn = self._act_and_reward, self._finish
+        opts = cfg.compile_options
         if cfg.compile and getattr(self.dynamics, "compilable", True):
-            self._step_fn = torch.compile(self._step_impl, fullgraph=True)
-            self._reset_fn = torch.compile(self._reset_impl, fullgraph=True)
+            self._step_fn = torch.compile(self._step_impl, fullgraph=True, options=opts)
+            self._reset_fn = torch.compile(self._reset_impl, fullgraph=True, options=opts)
         elif cfg.compile:  # eager host epoch between two compiled lifecycle graphs
-            self._act_fn = torch.compile(self._act_and_reward, fullgraph=True)
-            self._finish_fn = torch.compile(self._finish, fullgraph=True)
+            self._act_fn = torch.compile(self._act_and_reward, fullgraph=True, options=opts)
+            self._finish_fn = torch.compile(self._finish, fullgraph=True, options=opts)
         if not getattr(self.dynamics, "compilable", True):
             self._reset_fn = self._reset_subset  # an eager host epoch: run it for the reset rows only
         self.masks = compute_masks(self._state, self.tables, cfg)

@@ -111,3 +111,31 @@ def test_full_step_compiles_fullgraph_and_matches_eager() -> None:
     for x, y in zip(_run(eager, 15), _run(compiled, 15)):
         for k in x.keys():
             torch.testing.assert_close(x[k], y[k], msg=k)
+
+
+def test_threads_knob_is_validated_and_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"EngineConfig.threads: expected an int >= 0"):
+        EngineConfig(threads=-1)
+    assert EngineConfig(threads=0).compile_options == {"cpp.threads": torch.get_num_threads()}
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    Engine(EngineConfig(n_envs=2, compile=True, threads=3))
+    assert seen == [{"cpp.threads": 3}] * 2  # the step and the reset graphs
+
+
+@pytest.mark.slow
+def test_inductor_bakes_the_thread_count_into_the_kernel() -> None:
+    """The thread policy rests on this: the compiled CPU kernel's OpenMP thread count is fixed
+    when it is compiled (``torch.set_num_threads`` later does not change it), and 1 thread
+    means no parallel region at all, hence no barriers."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(4096, 64)
+    codes = {}
+    for threads in (1, 2):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda t: (t * 2 + 1).relu().sum(1), fullgraph=True, options={"cpp.threads": threads})
+        _, (code, *_) = run_and_get_code(fn, x)
+        codes[threads] = code
+    assert "#pragma omp parallel" not in codes[1]
+    assert "#pragma omp parallel num_threads(2)" in codes[2]

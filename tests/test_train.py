@@ -210,3 +210,19 @@ def test_train_ppo_script_runs_the_torchrl_loop() -> None:
     spec.loader.exec_module(script)
     returns = script.main(["--n-envs", "16", "--max-epochs", "5", "--updates", "2", "--hidden", "32"])
     assert len(returns) == 2 and all(isinstance(r, float) for r in returns)
+
+
+def test_cli_runs_on_one_thread_by_default_and_threads_reaches_the_engine(monkeypatch) -> None:
+    from esper_soa import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "demo", lambda args: seen.append((torch.get_num_threads(), cli.engine_config_from_args(args))))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cli.main(["demo"])
+        cli.main(["demo", "--threads", "0", "--compile"])
+    finally:
+        torch.set_num_threads(before)
+    # 0 keeps the count torch has (here 1, from the first call)
+    assert [(n, c.threads, c.compile) for n, c in seen] == [(1, 1, False), (1, 0, True)]
