@@ -575,7 +575,8 @@ def _fsync_dir(directory: Path) -> None:
 
 def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(field, saved, now)`` for every field that differs (engine fields as ``engine.<name>``),
-    ignoring the ones a resume may change (``updates``, ``log_dir``, ``checkpoint_every``, ``progress``)."""
+    ignoring the ones a resume may change (``updates``, ``log_dir``, ``checkpoint_every``, ``progress``,
+    ``engine.threads``)."""
     ignore = {"updates", "log_dir", "checkpoint_every", "progress"}
     diff = []
     for key in sorted(set(saved) | set(now)):
@@ -583,7 +584,8 @@ def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple
             continue
         a, b = saved.get(key), now.get(key)
         if key == "engine" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            diff += [(f"engine.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diff += [(f"engine.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k) and k != "threads"]  # a machine's knob, not the run's
         elif a != b:
             diff.append((key, a, b))
     return diff
