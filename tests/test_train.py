@@ -82,6 +82,8 @@ def test_resume_refuses_a_different_config(tmp_path) -> None:
     other_engine = replace(small().engine, seed=4)
     with pytest.raises(ValueError, match=r"different config \(engine\.seed: checkpoint 3, now 4\)"):
         train(small(updates=2, engine=other_engine), resume=first.checkpoint)
+    more_threads = replace(small().engine, threads=2)  # a machine's knob: resuming with it is fine
+    assert [r["update"] for r in train(small(updates=2, engine=more_threads), resume=first.checkpoint).history] == [2]
 
 
 def test_resume_after_a_crash_rewrites_the_logs(tmp_path) -> None:
