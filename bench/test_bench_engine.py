@@ -23,9 +23,12 @@ from esper_soa.masks import sample_masked_action
 SIZES = (1024, 4096, 65536)
 
 
-def warm_engine(n_envs: int, compile: bool, device: str = "cpu") -> tuple[Engine, list[dict]]:
-    """An engine 20 random masked steps into its episodes, and 8 valid actions for the next step."""
-    engine = Engine(EngineConfig(n_envs=n_envs, n_slots=3, compile=compile, validate_actions=False, device=device))
+def warm_engine(n_envs: int, compile: bool, device: str = "cpu", threads: int = 0) -> tuple[Engine, list[dict]]:
+    """An engine 20 random masked steps into its episodes, and 8 valid actions for the next step.
+    ``threads`` 0 (every core torch uses: these gates assume cores of their own; the noisy bench
+    passes the library default)."""
+    engine = Engine(EngineConfig(n_envs=n_envs, n_slots=3, compile=compile, validate_actions=False, device=device,
+                                 threads=threads))
     engine.reset()
     generator = torch.Generator(device=engine.device).manual_seed(0)
     for _ in range(20):  # a realistic stage mix (and the compile, if any)

@@ -17,6 +17,7 @@ import pytest
 
 from bench.conftest import bench_reference, neighbours, print_rates, record, require
 from bench.test_bench_engine import SIZES, warm_engine
+from esper_soa.config import EngineConfig
 
 LOADS = (1, 2)  # neighbour processes
 _ENGINES: dict[tuple[bool, int], tuple] = {}
@@ -25,7 +26,7 @@ _ENGINES: dict[tuple[bool, int], tuple] = {}
 def engine_for(n_envs: int, compile: bool) -> tuple:
     """One warm engine per (compile, E), built once and shared by both loads."""
     if (compile, n_envs) not in _ENGINES:
-        _ENGINES[(compile, n_envs)] = warm_engine(n_envs, compile=compile)
+        _ENGINES[(compile, n_envs)] = warm_engine(n_envs, compile=compile, threads=EngineConfig().threads)
     return _ENGINES[(compile, n_envs)]
 
 
