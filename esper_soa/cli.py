@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "checkpoint", None) is not None and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint: expected RUN/checkpoint.pt written by 'esper-soa train --log-dir RUN', "
                      f"got {args.checkpoint!r}, which is not a file")
-    use_threads(args.threads)
+    use_threads(getattr(args, "threads", 1))  # commands without engine flags (plot) run on one thread
     args.func(args)
 
 
