@@ -23,6 +23,7 @@ from esper_soa.spec import Op, Stage
 
 
 EPISODE_METRICS = ("return", "final_accuracy", "j_final", "committed_accuracy", "fossils")
+AUTO_FORWARD_GATES = ("g1", "g2", "g3")
 
 
 @dataclass
@@ -117,6 +118,19 @@ def run_collector(
     return stats_from_samples(samples, frames, seconds, {op.name: int(c) for op, c in zip(Op, op_counts)})
 
 
+def parse_auto_forward(text: str) -> frozenset[str]:
+    """``--auto-forward``: a comma-separated subset of ``g1,g2,g3`` (the gates the engine passes
+    by itself, SPEC §3) or ``none``."""
+    gates = frozenset(g.strip().lower() for g in text.split(",") if g.strip())
+    if gates == {"none"}:
+        return frozenset()
+    if not gates or not gates <= set(AUTO_FORWARD_GATES):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(AUTO_FORWARD_GATES)} or 'none', got {text!r}"
+        )
+    return gates
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         n_envs=args.n_envs,
@@ -124,6 +138,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         topology=args.topology,
         max_epochs=args.max_epochs,
         gate_mode=args.gate_mode,
+        auto_forward_g1="g1" in args.auto_forward,
+        auto_forward_g2="g2" in args.auto_forward,
+        auto_forward_g3="g3" in args.auto_forward,
         reward_mode=args.reward_mode,
         seed=args.seed,
         device=args.device,
@@ -138,6 +155,11 @@ def add_engine_args(parser: argparse.ArgumentParser, n_envs: int = 256, max_epoc
     parser.add_argument("--topology", default="cnn", choices=["cnn", "transformer"])
     parser.add_argument("--max-epochs", type=int, default=max_epochs)
     parser.add_argument("--gate-mode", default="permissive", choices=["permissive", "strict"])
+    parser.add_argument(
+        "--auto-forward", type=parse_auto_forward, default=",".join(AUTO_FORWARD_GATES), metavar="GATES",
+        help="gates passed without an ADVANCE (comma-separated g1,g2,g3 or 'none'; default: all three, as "
+             "the original ships; with all three ADVANCE is masked off)",
+    )
     parser.add_argument("--reward-mode", default="committed", choices=list(REWARD_MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -240,12 +262,14 @@ def train_command(args: argparse.Namespace) -> None:
         ("ppo (greedy)", evaluate(result.model, held_out, seeds, greedy=True)),
         ("random", evaluate_baseline("random", held_out, seeds)),
         ("heuristic", evaluate_baseline("heuristic", held_out, seeds)),
+        ("wait", evaluate_baseline("wait", held_out, seeds)),
     ]
     frames = result.history[-1]["frames"] if result.history else 0
     print(f"\ntrained {len(result.history)} updates ({frames:,} frames) in {train_s:.0f} s"
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
+    gates = ",".join(sorted(args.auto_forward)) or "none"
     print(f"held-out env seeds {seeds} x {args.eval_envs} envs, {engine.max_epochs}-epoch episodes, "
-          f"{engine.reward_mode} reward:")
+          f"{engine.reward_mode} reward, auto-forward {gates}:")
     print(format_table(rows))
 
 
