@@ -30,6 +30,7 @@ from esper_soa.spec import Op, Stage
 
 
 EPISODE_METRICS = ("return", "final_accuracy", "j_final", "committed_accuracy", "fossils")
+AUTO_FORWARD_GATES = ("g1", "g2", "g3")
 
 
 @dataclass
@@ -160,6 +161,19 @@ def dynamics_config_from_args(args: argparse.Namespace) -> Any:
     return replace(HOSTS_PRESETS[preset], dataset=dataset, data_path=args.data_path)
 
 
+def parse_auto_forward(text: str) -> frozenset[str]:
+    """``--auto-forward``: a comma-separated subset of ``g1,g2,g3`` (the gates the engine passes
+    by itself, SPEC §3) or ``none``."""
+    gates = frozenset(g.strip().lower() for g in text.split(",") if g.strip())
+    if gates == {"none"}:
+        return frozenset()
+    if not gates or not gates <= set(AUTO_FORWARD_GATES):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(AUTO_FORWARD_GATES)} or 'none', got {text!r}"
+        )
+    return gates
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         n_envs=args.n_envs,
@@ -167,6 +181,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         topology=args.topology,
         max_epochs=args.max_epochs,
         gate_mode=args.gate_mode,
+        auto_forward_g1="g1" in args.auto_forward,
+        auto_forward_g2="g2" in args.auto_forward,
+        auto_forward_g3="g3" in args.auto_forward,
         reward_mode=args.reward_mode,
         seed=args.seed,
         device=args.device,
@@ -194,6 +211,11 @@ def add_engine_args(
     parser.add_argument("--topology", default=default("cnn"), choices=["cnn", "transformer"])
     parser.add_argument("--max-epochs", type=int, default=default(max_epochs))
     parser.add_argument("--gate-mode", default=default("permissive"), choices=["permissive", "strict"])
+    parser.add_argument(
+        "--auto-forward", type=parse_auto_forward, default=",".join(AUTO_FORWARD_GATES), metavar="GATES",
+        help="gates passed without an ADVANCE (comma-separated g1,g2,g3 or 'none'; default: all three, as "
+             "the original ships; with all three ADVANCE is masked off)",
+    )
     parser.add_argument("--reward-mode", default=default("committed"), choices=list(REWARD_MODES))
     parser.add_argument("--dynamics", default="surrogate", choices=["surrogate", "hosts"],
                         help="host dynamics: the analytic surrogate or real batched CNN hosts")
@@ -287,6 +309,7 @@ def train_command(args: argparse.Namespace) -> None:
         hidden=args.hidden,
         recurrent="lstm" if args.lstm else None,
         lr=args.lr,
+        entropy_coef=args.entropy_coef,
         ppo_epochs=args.ppo_epochs,
         minibatches=args.minibatches,
         log_dir=args.log_dir,
@@ -312,8 +335,11 @@ def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path:
 
     from esper_soa.evaluation import format_table
 
+    gates = ",".join(g for g, on in zip(AUTO_FORWARD_GATES, (cfg.auto_forward_g1, cfg.auto_forward_g2,
+                                                              cfg.auto_forward_g3)) if on) or "none"
     print(f"held-out env seeds {seeds} x {cfg.n_envs} envs, {cfg.max_epochs}-epoch episodes, "
-          f"{cfg.dynamics} dynamics, {cfg.reward_mode} reward (mean ± standard error over episodes):")
+          f"{cfg.dynamics} dynamics, {cfg.reward_mode} reward, auto-forward {gates} "
+          f"(mean ± standard error over episodes):")
     print(format_table(rows))
     if json_path is not None:
         payload = {"engine": {"dynamics": cfg.dynamics, "n_envs": cfg.n_envs, "max_epochs": cfg.max_epochs,
@@ -368,16 +394,19 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(p_demo, n_envs=256, max_epochs=150)
     p_demo.add_argument("--episodes", type=int, default=1)
     p_demo.set_defaults(func=demo)
-    p_train = sub.add_parser("train", help="PPO (on the surrogate: a few CPU minutes), compared with the baselines")
-    add_engine_args(p_train, n_envs=256, max_epochs=150)  # ~4 min on a busy 2-core CPU
-    p_train.add_argument("--updates", type=int, default=40)
+    p_train = sub.add_parser("train", help="PPO on the surrogate (a few CPU minutes), compared with the baselines")
+    # defaults chosen from runs (bench/RESULTS.md, "PPO on the COMMITTED reward"): 30 updates of
+    # 128 envs x 150 steps (576k frames, ~3 min on a busy 2-core CPU) beat the heuristic's J_final
+    add_engine_args(p_train, n_envs=128, max_epochs=150)
+    p_train.add_argument("--updates", type=int, default=30)
     p_train.add_argument("--rollout-len", type=int, default=None, help="steps per env per update (default: max epochs)")
     p_train.add_argument("--collector", default="engine", choices=["engine", "torchrl"])
     p_train.add_argument("--hidden", type=int, default=128)
     p_train.add_argument("--lstm", action="store_true", help="LSTM after the MLP trunk")
-    p_train.add_argument("--lr", type=float, default=3e-4)
+    p_train.add_argument("--lr", type=float, default=1e-3)
+    p_train.add_argument("--entropy-coef", type=float, default=0.05, help="entropy bonus (per-head multipliers apply)")
     p_train.add_argument("--ppo-epochs", type=int, default=4)
-    p_train.add_argument("--minibatches", type=int, default=4)
+    p_train.add_argument("--minibatches", type=int, default=8)
     p_train.add_argument("--log-dir", default=None, help="metrics (TorchRL CSV/TensorBoard), checkpoint.pt, eval.json and plots go here")
     p_train.add_argument("--checkpoint-every", type=int, default=10)
     p_train.add_argument("--resume", default=None, help="checkpoint to resume from")

@@ -212,6 +212,7 @@ def rollout_summary(batch: TensorDictBase, n_slots: int, max_epochs: int) -> dic
         "mean_return": batch.get(("next", "episode_reward")).squeeze(-1)[done].mean(),  # NaN if none ended
         "final_accuracy": accuracy.mean(),
         "fossils_per_episode": fossils.mean(),
+        "j_final": batch.get(("next", "committed_gain"))[done].mean(),
         "prunes_per_episode": ops[int(Op.PRUNE)] * max_epochs / frames,
     }
     stats.update({f"op_frac_{op.name}": ops[int(op)] / frames for op in Op})
@@ -277,6 +278,7 @@ class Trainer:
                 ("terminated", out.get("terminated")),
                 ("truncated", out.get("truncated")),
                 ("episode_reward", out.get("episode_return")[:, None]),
+                ("committed_gain", out.get("committed_gain")),  # [E], as EsperEnv emits it
             ):
                 td.set(("next", key), value)  # beside the LSTM's ("next", state) entries
             steps.append(td)
@@ -632,5 +634,6 @@ def evaluate(
 
 
 def evaluate_baseline(name: str, cfg: EngineConfig, seeds: Sequence[int], *, episodes: int = 1) -> RolloutStats:
-    """The ``random`` or ``heuristic`` controller on the same held-out seeds as :func:`evaluate`."""
+    """A scripted controller (``random``, ``heuristic``, ``wait``, ...) on the same held-out seeds
+    as :func:`evaluate`."""
     return merge_stats([collect_baseline(name, replace(cfg, seed=s), episodes) for s in seeds])

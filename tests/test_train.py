@@ -116,7 +116,7 @@ def test_metrics_cover_the_run() -> None:
     row = result.history[-1]
     assert row["episodes"] == 16 and row["frames"] == 2 * 16 * 6
     assert sum(row[f"op_frac_{op.name}"] for op in Op) == pytest.approx(1.0)
-    for key in ("mean_return", "final_accuracy", "fossils_per_episode", "prunes_per_episode", "loss_objective",
+    for key in ("mean_return", "j_final", "final_accuracy", "fossils_per_episode", "prunes_per_episode", "loss_objective",
                 "loss_critic", "loss_entropy", "approx_kl", "entropy_op", "entropy_alpha_curve", "sps"):
         assert row[key] is not None, key
     assert 0 < row["final_accuracy"] < 100
@@ -133,7 +133,7 @@ def test_engine_collection_matches_the_torchrl_collector() -> None:
     ours, theirs = (t.collect() for t in trainers)
     assert ours["next", "done"].any()  # the rollout crosses an episode end (reset handling)
     for key in [("action", "op"), ("action", "slot"), ("next", "reward"), ("next", "done"), "observation",
-                ("next", "observation"), "head_log_prob"]:
+                ("next", "observation"), ("next", "committed_gain"), "head_log_prob"]:
         torch.testing.assert_close(ours[key], theirs[key], msg=str(key))
 
 
@@ -197,9 +197,38 @@ def test_cli_train_prints_the_comparison_table(tmp_path, capsys) -> None:
             if len(cells) > 3 and cells[1].strip().startswith(("ppo", "random", "heuristic", "wait"))}
     assert set(rows) == {"ppo (sampled)", "ppo (greedy)", "random", "heuristic", "wait"}
     assert all(int(r[0]) == 8 for r in rows.values())  # one 6-epoch episode per held-out env
+    assert "auto-forward g1,g2,g3" in out  # the original's default
     assert (tmp_path / "checkpoint.pt").exists()
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert set(saved["rows"]) == set(rows) and saved["rows"]["wait"]["fossils"]["mean"] == 0.0
+
+
+@pytest.mark.parametrize(("flag", "gates"), [
+    ([], (True, True, True)), (["--auto-forward", "none"], (False, False, False)),
+    (["--auto-forward", "G3, g1"], (True, False, True)),
+])
+def test_auto_forward_flag_sets_the_engine_gates(flag: list[str], gates: tuple[bool, ...]) -> None:
+    import argparse
+
+    from esper_soa.cli import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    cfg = engine_config_from_args(parser.parse_args(flag))
+    assert (cfg.auto_forward_g1, cfg.auto_forward_g2, cfg.auto_forward_g3) == gates
+
+
+@pytest.mark.parametrize("text", ["g4", "", "g1,none"])
+def test_auto_forward_flag_rejects_unknown_gates(text: str, capsys) -> None:
+    import argparse
+
+    from esper_soa.cli import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--auto-forward", text])
+    assert "expected a comma-separated subset of g1,g2,g3 or 'none'" in capsys.readouterr().err
 
 
 def test_train_ppo_script_runs_the_torchrl_loop() -> None:
