@@ -158,7 +158,7 @@ class OriginalEnv:
 
     # --- one host epoch (train pass, fused val pass, record, telemetry sync) -------------------
     def run_epoch(self, m: dict[str, Any]) -> None:
-        o, env, SS = self.o, self.env, self.o.leyline.SeedStage
+        env, SS = self.env, self.o.leyline.SeedStage
         self.epoch += 1
         val_acc = float(m["val_acc"])
         env.val_acc = val_acc

@@ -18,7 +18,6 @@ from esper_soa.spec import (
     CURVE_STEEPNESS,
     EMBARGO_EPOCHS,
     GAMMA,
-    HEAD_NAMES,
     MIN_PRUNE_AGE,
     OBS_BASE,
     OBS_SLOT,
@@ -32,7 +31,7 @@ from esper_soa.spec import (
     stage_onehot_index,
 )
 from esper_soa.state import ENV_FIELDS, SLOT_FIELDS
-from tests.helpers import SPEED_FAST, SPEED_INSTANT, SPEED_MEDIUM, TARGET_FULL, TARGET_HALF, TEMPO_STANDARD, make_actions, make_metrics
+from tests.helpers import SPEED_FAST, SPEED_MEDIUM, TARGET_HALF, TEMPO_STANDARD, make_actions, make_metrics
 
 def make_engine(n_envs: int = 1, n_slots: int = 3, **cfg_kw) -> ReferenceEngine:
     cfg_kw.setdefault("reward_mode", "shaped")  # the reward tests below pin the original's SHAPED values
