@@ -1,7 +1,7 @@
 """Issue 3 gate: the full engine step (dynamics + reward + transitions) at E = 1024, 4096, 65536,
 compiled vs eager vs the per-env reference loop, in one run; memory per env reported.
 
-Run: ``pytest bench/test_bench_engine.py --benchmark-only -s``. Targets (2-core CPU):
+Run: ``pytest bench/test_bench_engine.py -s``. Targets (2-core CPU):
 >= 1,000,000 env-steps/s compiled at E = 65536 and >= 100x the reference at E = 4096.
 The reference loop runs the per-env lifecycle + reward + masks + observation on metrics that
 the batched surrogate produced beforehand (its dynamics cost is not charged to it), starting every

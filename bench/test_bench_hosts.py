@@ -16,7 +16,7 @@ speedup asserted at E = 128 on the CPU: the batched path's CPU cost is memory tr
 small-channel activations, so its ratio reaches 5x only at E = 128 (4x at E = 32), and only with
 both cores (``ESPER_BENCH_THREADS=2``: 5.3-6.1x; one thread gives 3.6-4.2x, bench/RESULTS.md). The GPU gate
 (>= 5x at E = 32) is ``bench/device_report.py``'s, run where an accelerator is available.
-Run: ``pytest bench/test_bench_hosts.py --benchmark-only -s``.
+Run: ``pytest bench/test_bench_hosts.py -s``.
 """
 
 from __future__ import annotations

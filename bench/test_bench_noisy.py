@@ -7,7 +7,7 @@ pure-Python busy loops run beside it. The engines are built and compiled before 
 start (a cold compile under load would take many minutes), and every neighbour is stopped when
 its test ends, also on failure, and ends itself after 10 minutes regardless.
 
-Run: ``pytest bench/test_bench_noisy.py --benchmark-only -s``. Gates, with neighbours: compiled
+Run: ``pytest bench/test_bench_noisy.py -s``. Gates, with neighbours: compiled
 >= eager at every E, and compiled >= 50x the reference at E = 4096.
 """
 

@@ -1,7 +1,7 @@
 """Issue 5 gate: end-to-end PPO training throughput (collect + GAE + PPO update) at E = 1024
 with the MLP policy, compiled engine vs eager engine, in one run.
 
-Run: ``pytest bench/test_bench_train.py --benchmark-only -s``. Target: >= 25,000 env-steps/s end
+Run: ``pytest bench/test_bench_train.py -s``. Target: >= 25,000 env-steps/s end
 to end with the compiled engine. One measured call is one full update: 1024 envs x 32 steps
 collected, GAE, 4 PPO epochs x 4 minibatches (no target-KL early stop, so every round does the
 same work); the 5 timed updates (steps 160..320 of 150-step episodes) include one episode end.

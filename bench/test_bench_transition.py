@@ -1,7 +1,7 @@
 """Issue 2 gate: the lifecycle transition (ops + tick + record + masks + observation) at
 E = 64, 1024, 4096, S = 3, eager vs compiled vs the per-env reference loop, in one run.
 
-Run: ``pytest bench/test_bench_transition.py --benchmark-only``. Target (2-core CPU): compiled
+Run: ``pytest bench/test_bench_transition.py``. Target (2-core CPU): compiled
 >= 100x reference at E = 4096.
 """
 
