@@ -17,7 +17,7 @@ from esper_soa.config import MAX_SEED, EngineConfig
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
 from esper_soa.masks import compute_masks
-from esper_soa.reward import committed_gain, compute_reward, settlement
+from esper_soa.reward import compute_reward, settlement
 from esper_soa.rng import episode_seed
 from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
 from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows, update
@@ -155,8 +155,6 @@ class Engine:
             truncated=truncated[:, None],
             done=(terminated | truncated)[:, None],
             episode_return=state["episode_return"],
-            committed_gain=committed_gain(state),
-            acc_committed=state["acc_committed"],
         )
         return state, out, terminated
 
@@ -215,8 +213,6 @@ class Engine:
             truncated=false,
             done=false,
             episode_return=state["episode_return"],
-            committed_gain=committed_gain(state),
-            acc_committed=state["acc_committed"],
         )
         return state, aux, out
 

@@ -29,7 +29,7 @@ from torchrl.envs.utils import step_mdp
 
 from esper_soa.config import EngineConfig
 from esper_soa.env import EsperEnv
-from esper_soa.reward import committed_gain
+from esper_soa.reward import committed_gain, fossil_params
 from esper_soa.spec import Stage
 
 BASELINES = ("heuristic", "random", "wait")
@@ -55,7 +55,7 @@ def committed_objective(state: TensorDictBase) -> dict[str, torch.Tensor]:
         "acc_committed": state["acc_committed"],
         "j_final": committed_gain(state),
         "fossils": fossil.sum(-1).to(torch.float32),
-        "params_added": torch.where(fossil, sl["seed_params"], 0.0).sum(-1),
+        "params_added": fossil_params(state),
     }
 
 

@@ -112,16 +112,23 @@ def escrow(state: State, parts: dict[str, torch.Tensor] | None = None) -> torch.
     return credit.sum(1)
 
 
+def fossil_params(state: State) -> torch.Tensor:
+    """``[E]`` parameters the FOSSILIZED seeds added (what J and SPARSE price)."""
+    sl = state["slots"]
+    return torch.where(sl["stage"] == int(Stage.FOSSILIZED), sl["seed_params"], 0.0).sum(-1)
+
+
 def committed_gain(state: State) -> torch.Tensor:
     """J ``[E]`` in pp: committed accuracy over the host alone minus the fossils' parameter price."""
-    sl = state["slots"]
-    fossil = (sl["stage"] == int(Stage.FOSSILIZED)).to(torch.float32)
-    fossil_params = (fossil * sl["seed_params"]).sum(1)
-    return state["acc_committed"] - state["acc_all_seeds_off"] - fossil_params / FOSSIL_PARAM_PRICE
+    return state["acc_committed"] - state["acc_all_seeds_off"] - fossil_params(state) / FOSSIL_PARAM_PRICE
 
 
 def reward_terms(
-    state: State, action: dict[str, torch.Tensor], op: torch.Tensor, cfg: EngineConfig
+    state: State,
+    action: dict[str, torch.Tensor],
+    op: torch.Tensor,
+    cfg: EngineConfig,
+    parts: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every SHAPED term, ``[E]`` float32 each. ``op`` is the executed op (invalid -> WAIT)."""
     sl = state["slots"]
@@ -131,7 +138,7 @@ def reward_terms(
     in_range = (slot >= 0) & (slot < n_slots)
     idx = slot.clamp(0, n_slots - 1)[:, None]
     t = {k: v.gather(1, idx).squeeze(1) for k, v in sl.items()}
-    parts = slot_credit(state)
+    parts = slot_credit(state) if parts is None else parts
     at = {k: v.gather(1, idx).squeeze(1) for k, v in parts.items() if k != "imp"}
     stage = t["stage"]
     has_target = in_range & stage_in(stage, PRUNABLE_STAGES)
@@ -254,11 +261,10 @@ def committed_terms(
     BLENDING/HOLDING target of either sign (escrowed), (b) the blending and (c) the holding
     warnings (the original's patches against farming, which the escrow removes) and (f) the rent
     (J prices fossil parameters once; uncommitted seeds are not in the committed network)."""
-    terms = reward_terms(state, action, op, cfg)
-    sl = state["slots"]
-    n_slots = sl["stage"].shape[1]
-    idx = action["slot"].clamp(0, n_slots - 1)[:, None]
     parts = slot_credit(state)
+    terms = reward_terms(state, action, op, cfg, parts)
+    n_slots = state["slots"]["stage"].shape[1]
+    idx = action["slot"].clamp(0, n_slots - 1)[:, None]
     escrowed = parts["escrowed"].gather(1, idx).squeeze(1)
     zero = torch.zeros_like(state["val_acc"])
     last = state["epoch"] == cfg.max_epochs - 1
@@ -286,10 +292,7 @@ def settlement(next_state: State, done: torch.Tensor, cfg: EngineConfig) -> torc
 def sparse_reward(state: State) -> torch.Tensor:
     """Committed accuracy (non-fossil seeds off) minus a fossil-parameter cost (the original's
     ``compute_sparse_reward`` on ``committed_val_acc``); the caller pays it at the last step."""
-    sl = state["slots"]
-    fossil = (sl["stage"] == int(Stage.FOSSILIZED)).to(torch.float32)
-    fossil_params = (fossil * sl["seed_params"]).sum(1)
-    return (state["acc_committed"] / 100 - 0.1 * fossil_params / 5e5).clamp(-1.0, 1.0)
+    return (state["acc_committed"] / 100 - 0.1 * fossil_params(state) / 5e5).clamp(-1.0, 1.0)
 
 
 def compute_reward(

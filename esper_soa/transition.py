@@ -12,6 +12,7 @@ from esper_soa.config import EngineConfig
 from esper_soa.features import observe
 from esper_soa.lifecycle import apply_op, record_epoch, tick
 from esper_soa.masks import mask_flags
+from esper_soa.reward import committed_gain
 from esper_soa.spec import SpecTables
 from esper_soa.state import State, slot_major
 
@@ -40,10 +41,18 @@ def act(
 
 def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
     """Observation, blueprint indices and masks for the next decision; the masks as uint8 0/1
-    flags (``masks.mask_flags``), which the engine turns into bool views after the graph."""
+    flags (``masks.mask_flags``), which the engine turns into bool views after the graph. Also the
+    real objective of the state reached (``committed_gain`` J in pp, ``acc_committed``), for
+    evaluation: policies do not read them."""
     obs, blueprint_index = observe(state, tables, cfg)
     masks = mask_flags(state, tables, cfg)
-    return {"observation": obs, "blueprint_index": blueprint_index, **{f"mask_{k}": v for k, v in masks.items()}}
+    return {
+        "observation": obs,
+        "blueprint_index": blueprint_index,
+        "committed_gain": committed_gain(state),
+        "acc_committed": state["acc_committed"],
+        **{f"mask_{k}": v for k, v in masks.items()},
+    }
 
 
 def transition(
