@@ -33,9 +33,9 @@ from tensordict import TensorDict
 
 from bench.conftest import reference_round
 from bench.test_bench_engine import warm_engine
-from esper_soa.config import EngineConfig
-from esper_soa.engine import Engine
-from esper_soa.masks import sample_masked_action
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.env.engine import Engine
 
 
 def synchronize(device: torch.device) -> None:
@@ -131,9 +131,9 @@ def parity_section(device: torch.device, n_envs: int, steps: int) -> dict:
 
 
 def env_section(device: torch.device, n_envs: int, rounds: int) -> dict:
-    from esper_soa.baselines import RandomMaskedPolicy
-    from esper_soa.cli import run_collector
-    from esper_soa.env import EsperEnv
+    from esper_soa.agents.baselines import RandomMaskedPolicy
+    from esper_soa.env.esper_env import EsperEnv
+    from esper_soa.training.rollout import run_collector
 
     env = EsperEnv(EngineConfig(n_envs=n_envs, compile=True, validate_actions=False, device=str(device)))
     env.reset()
@@ -184,7 +184,7 @@ def hosts_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
 
 
 def train_section(device: torch.device, n_envs: int, updates: int) -> dict:
-    from esper_soa.train import TrainConfig, Trainer
+    from esper_soa.training.train import TrainConfig, Trainer
 
     engine = EngineConfig(n_envs=n_envs, max_epochs=150, compile=True, validate_actions=False, device=str(device))
     trainer = Trainer(TrainConfig(engine=engine, rollout_len=32, target_kl=None, progress=False, updates=10**6))

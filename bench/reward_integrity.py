@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from esper_soa.config import REWARD_MODES
-from esper_soa.integrity import format_rows, integrity_table
+from esper_soa.core.config import REWARD_MODES
+from esper_soa.training.integrity import format_rows, integrity_table
 
 if __name__ == "__main__":
     n_envs = int(sys.argv[1]) if len(sys.argv) > 1 else 128

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from bench.conftest import bench_reference, print_rates, record, require
-from esper_soa.config import EngineConfig
-from esper_soa.engine import Engine
-from esper_soa.masks import sample_masked_action
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.env.engine import Engine
 
 SIZES = (1024, 4096, 65536)
 

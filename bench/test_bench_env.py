@@ -16,11 +16,11 @@ import torch
 from tensordict import TensorDict
 
 from bench.conftest import record, require
-from esper_soa.baselines import RandomMaskedPolicy
-from esper_soa.cli import run_collector
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.masks import sample_masked_action
+from esper_soa.agents.baselines import RandomMaskedPolicy
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.env.esper_env import EsperEnv
+from esper_soa.training.rollout import run_collector
 
 SIZES = (1024, 65536)
 COMPILE = os.environ.get("ESPER_BENCH_COMPILE", "1") != "0"

@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import AlphaAlgorithm as A
+from esper_soa.core.spec import Blueprint as BP
+from esper_soa.core.spec import Stage
+from esper_soa.core.state import make_state
 from esper_soa.dynamics.hosts import (
     BatchedHostsDynamics,
     HostsConfig,
@@ -39,10 +43,6 @@ from esper_soa.dynamics.hosts import (
     slot_setups,
     train_single_host,
 )
-from esper_soa.spec import AlphaAlgorithm as A
-from esper_soa.spec import Blueprint as BP
-from esper_soa.spec import Stage
-from esper_soa.state import make_state
 
 MB = 4  # minibatches per epoch: small, the ratio barely depends on it
 HCFG = HostsConfig(minibatches_per_epoch=MB, minibatch_size=32, val_size=256)

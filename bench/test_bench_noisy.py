@@ -17,7 +17,7 @@ import pytest
 
 from bench.conftest import bench_reference, neighbours, print_rates, record, require
 from bench.test_bench_engine import SIZES, warm_engine
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
 
 LOADS = (1, 2)  # neighbour processes
 _ENGINES: dict[tuple[bool, int], tuple] = {}

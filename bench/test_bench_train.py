@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from bench.conftest import record, require
-from esper_soa.config import EngineConfig
-from esper_soa.train import TrainConfig, Trainer
+from esper_soa.core.config import EngineConfig
+from esper_soa.training.train import TrainConfig, Trainer
 
 N_ENVS = 1024
 ROLLOUT = 32

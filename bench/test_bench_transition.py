@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from bench.conftest import bench_reference, print_rates, record, require
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import record_epoch
-from esper_soa.masks import compute_masks
-from esper_soa.spec import SpecTables
-from esper_soa.state import as_dict, make_state
-from esper_soa.transition import transition
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import record_epoch
+from esper_soa.core.masks import compute_masks
+from esper_soa.core.spec import SpecTables
+from esper_soa.core.state import as_dict, make_state
+from esper_soa.core.step import transition
 from tests.helpers import random_action, random_metrics
 
 SIZES = (64, 1024, 4096)

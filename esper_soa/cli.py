@@ -15,114 +15,14 @@ import argparse
 import importlib.util
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tensordict.nn import TensorDictModuleBase
-from torchrl.collectors import Collector
-from torchrl.envs import Compose, RewardSum, Transform, TransformedEnv
 
-from esper_soa.config import REWARD_MODES, EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.spec import Op, Stage
+from esper_soa.core.config import REWARD_MODES, EngineConfig
+from esper_soa.training.rollout import RolloutStats, collect_baseline
 
-
-EPISODE_METRICS = ("return", "final_accuracy", "j_final", "committed_accuracy", "fossils")
 AUTO_FORWARD_GATES = ("g1", "g2", "g3")
-
-
-@dataclass
-class RolloutStats:
-    """Finished episodes' means. ``j_final`` is the real objective (SPEC §12b: committed accuracy
-    gain over the host alone minus fossil params / 50,000, in pp); ``samples`` keeps the
-    per-episode values of :data:`EPISODE_METRICS` so pooled means and standard errors are exact."""
-
-    frames: int
-    seconds: float
-    mean_return: float
-    episodes: int
-    mean_final_accuracy: float
-    fossils_per_episode: float
-    op_counts: dict[str, int]
-    j_final: float = float("nan")
-    committed_accuracy: float = float("nan")
-    samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.frames / max(self.seconds, 1e-9)
-
-    def se(self, name: str) -> float:
-        """Standard error of the mean of one of :data:`EPISODE_METRICS` over the episodes."""
-        x = self.samples.get(name)
-        if x is None or x.numel() < 2:
-            return float("nan")
-        return float(x.double().std() / x.numel() ** 0.5)
-
-
-def stats_from_samples(
-    samples: dict[str, torch.Tensor], frames: int, seconds: float, op_counts: dict[str, int]
-) -> RolloutStats:
-    """Means of the per-episode ``samples`` (NaN when no episode finished)."""
-
-    def mean(name: str) -> float:
-        x = samples[name]
-        return float(x.double().mean()) if x.numel() else float("nan")
-
-    return RolloutStats(
-        frames=frames, seconds=seconds, mean_return=mean("return"), episodes=samples["return"].numel(),
-        mean_final_accuracy=mean("final_accuracy"), fossils_per_episode=mean("fossils"), op_counts=op_counts,
-        j_final=mean("j_final"), committed_accuracy=mean("committed_accuracy"), samples=samples,
-    )
-
-
-def final_stats(observation: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(val_acc in %, number of FOSSILIZED slots) read back from observations ``[N, 23+31S]``."""
-    accuracy = observation[:, 2] * 100.0
-    stage_block = observation[:, 23:].reshape(observation.shape[0], n_slots, 31)[:, :, 1:11]
-    return accuracy, stage_block[:, :, int(Stage.FOSSILIZED) - 1].sum(1)
-
-
-def run_collector(
-    env: EsperEnv,
-    policy: TensorDictModuleBase,
-    frames_per_batch: int,
-    total_frames: int,
-    transforms: Sequence[Transform] = (),
-) -> RolloutStats:
-    """Collect with ``Collector`` and summarise finished episodes (returns, accuracy, fossils).
-
-    ``transforms`` are appended after ``RewardSum`` (e.g. a recurrent policy's ``InitTracker``
-    and state primer)."""
-    tenv = TransformedEnv(env, Compose(RewardSum(), *transforms))
-    collector = Collector(
-        tenv,
-        policy,
-        frames_per_batch=frames_per_batch,
-        total_frames=total_frames,
-        auto_register_policy_transforms=False,
-    )
-    per_episode: dict[str, list[torch.Tensor]] = {k: [] for k in EPISODE_METRICS}
-    op_counts = torch.zeros(len(Op), dtype=torch.int64)
-    frames = 0
-    start = time.perf_counter()
-    for batch in collector:
-        frames += batch.numel()
-        done = batch["next", "done"].squeeze(-1)
-        nxt = batch["next"]
-        accuracy, fossil_count = final_stats(nxt["observation"][done], env.cfg.n_slots)
-        for name, value in zip(EPISODE_METRICS, (
-            nxt["episode_reward"].squeeze(-1)[done], accuracy, nxt["committed_gain"][done],
-            nxt["acc_committed"][done], fossil_count,
-        )):
-            per_episode[name].append(value.cpu())
-        op_counts += torch.bincount(batch["action", "op"].flatten().cpu(), minlength=len(Op))
-    seconds = time.perf_counter() - start
-    collector.shutdown()
-    samples = {k: torch.cat(v) if v else torch.zeros(0) for k, v in per_episode.items()}
-    return stats_from_samples(samples, frames, seconds, {op.name: int(c) for op, c in zip(Op, op_counts)})
 
 
 def dynamics_config_from_args(args: argparse.Namespace) -> Any:
@@ -254,24 +154,6 @@ def format_stats(name: str, stats: RolloutStats) -> str:
     )
 
 
-def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStats:
-    """``episodes`` episodes per env of a scripted controller (``random``, ``heuristic``, ``wait``
-    or an adversary, :data:`esper_soa.baselines.CONTROLLERS`) via Collector."""
-    from esper_soa.baselines import CONTROLLERS, HeuristicPolicy, RandomMaskedPolicy, ScriptedPolicy
-
-    if name not in CONTROLLERS:
-        raise ValueError(f"controller: expected one of {CONTROLLERS}, got {name!r}")
-    env = EsperEnv(cfg)
-    if name == "random":
-        policy = RandomMaskedPolicy(cfg.seed, cfg.device)
-    elif name == "heuristic":
-        policy = HeuristicPolicy(env)
-    else:
-        policy = ScriptedPolicy(env, name)
-    frames = cfg.n_envs * cfg.max_epochs
-    return run_collector(env, policy, frames, frames * episodes)
-
-
 def collect_script(name: str, argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/collect_<name>.py``."""
     parser = argparse.ArgumentParser(description=f"Collector over EsperEnv with the {name} controller")
@@ -295,8 +177,8 @@ def train_command(args: argparse.Namespace) -> None:
     """PPO on the chosen dynamics, then the held-out table (``evaluation.compare``) and the run's plots."""
     from dataclasses import replace
 
-    from esper_soa.evaluation import compare
-    from esper_soa.train import TrainConfig, train
+    from esper_soa.training.evaluation import compare
+    from esper_soa.training.train import TrainConfig, train
 
     # the policy only ever samples valid actions, so the per-step validation sync is skipped
     engine = replace(engine_config_from_args(args), validate_actions=False)
@@ -333,7 +215,7 @@ def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path:
     """The held-out table of ``train`` and ``eval`` (and its JSON next to the run, if given)."""
     import json
 
-    from esper_soa.evaluation import format_table
+    from esper_soa.training.evaluation import format_table
 
     gates = ",".join(g for g, on in zip(AUTO_FORWARD_GATES, (cfg.auto_forward_g1, cfg.auto_forward_g2,
                                                               cfg.auto_forward_g3)) if on) or "none"
@@ -351,7 +233,7 @@ def print_comparison(rows: list, cfg: EngineConfig, seeds: list[int], json_path:
 
 def eval_command(args: argparse.Namespace) -> None:
     """A checkpoint's policy (optional) and the baselines on held-out seeds, on any backend."""
-    from esper_soa.evaluation import compare, load_checkpoint_model
+    from esper_soa.training.evaluation import compare, load_checkpoint_model
 
     model, trained = (None, None)
     if args.checkpoint is not None:
@@ -369,8 +251,8 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def plot_command(args: argparse.Namespace) -> None:
-    """PNGs of a run directory: learning curves and a lifecycle swimlane (``esper_soa.plots``)."""
-    from esper_soa.plots import plot_run
+    """PNGs of a run directory: learning curves and a lifecycle swimlane (``esper_soa.training.plots``)."""
+    from esper_soa.training.plots import plot_run
 
     for path in plot_run(args.run, n_envs=args.envs, seed=args.seed):
         print(f"wrote {path}")
@@ -378,7 +260,7 @@ def plot_command(args: argparse.Namespace) -> None:
 
 def baseline_list(text: str) -> list[str]:
     """``--baselines``: comma-separated names from ``evaluation.BASELINES`` (may be empty)."""
-    from esper_soa.evaluation import BASELINES
+    from esper_soa.training.evaluation import BASELINES
 
     names = [b for b in text.split(",") if b]
     bad = [b for b in names if b not in BASELINES]

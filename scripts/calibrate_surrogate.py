@@ -2,7 +2,7 @@
 
 Runs the batched-hosts backend (sklearn digits, small CNN hosts) host-only, under the heuristic
 controller and under the random masked policy; fits the surrogate's host-curve ranges, noise levels
-and seed-effect scale to what was recorded (``esper_soa.calibration``); reruns the surrogate with
+and seed-effect scale to what was recorded (``esper_soa.training.calibration``); reruns the surrogate with
 the default and the fitted config under the same controllers; writes ``docs/calibration.json``
 and ``docs/calibration.png`` and prints the fitted ``SurrogateConfig(...)`` literal and the
 comparison tables (markdown, as used in ``docs/CALIBRATION.md``).
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from esper_soa.calibration import (  # noqa: E402
+from esper_soa.dynamics.hosts import HOSTS_PRESETS  # noqa: E402
+from esper_soa.training.calibration import (  # noqa: E402
     FITTED_FIELDS,
     config_literal,
     contribution_by_alpha,
@@ -36,7 +37,6 @@ from esper_soa.calibration import (  # noqa: E402
     run_calibration,
     seed_headroom,
 )
-from esper_soa.dynamics.hosts import HOSTS_PRESETS  # noqa: E402
 
 STAT_ROWS = (
     ("final_acc_mean", "final val_acc, mean (%)"),

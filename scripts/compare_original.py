@@ -50,12 +50,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.dynamics.base import METRIC_FIELDS
-from esper_soa.lifecycle import record_epoch
-from esper_soa.spec import HEAD_NAMES, N_STAGE_ONEHOT, OBS_BASE, OBS_SLOT, Op, SpecTables, Stage
-from esper_soa.state import as_dict, make_state
-from esper_soa.transition import act, emit
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import record_epoch
+from esper_soa.core.spec import (
+    HEAD_NAMES,
+    METRIC_FIELDS,
+    N_STAGE_ONEHOT,
+    OBS_BASE,
+    OBS_SLOT,
+    Op,
+    SpecTables,
+    Stage,
+)
+from esper_soa.core.state import as_dict, make_state
+from esper_soa.core.step import act, emit
 
 ENV_VAR = "ESPER_LITE_SRC"
 

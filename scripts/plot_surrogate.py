@@ -23,10 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from esper_soa.config import EngineConfig  # noqa: E402
+from esper_soa.core.config import EngineConfig  # noqa: E402
+from esper_soa.core.spec import TOPOLOGY_BLUEPRINTS, AlphaAlgorithm, Blueprint, Stage  # noqa: E402
+from esper_soa.core.state import make_state  # noqa: E402
 from esper_soa.dynamics.surrogate import SurrogateDynamics  # noqa: E402
-from esper_soa.spec import TOPOLOGY_BLUEPRINTS, AlphaAlgorithm, Blueprint, Stage  # noqa: E402
-from esper_soa.state import make_state  # noqa: E402
 
 N_ENVS = 64
 N_SLOTS = 3

@@ -2,7 +2,7 @@
 
     python scripts/train_ppo.py --n-envs 256 --max-epochs 30 --updates 30
 
-The same pieces as ``esper_soa.train`` (which adds exact checkpoints, logs and a faster
+The same pieces as ``esper_soa.training.train`` (which adds exact checkpoints, logs and a faster
 engine-direct collection): the factored actor-critic, ``FactoredPPOLoss`` with TorchRL's
 ``GAE`` as its value estimator, a ``ReplayBuffer`` sampling minibatches without replacement.
 """
@@ -21,10 +21,10 @@ from torchrl.objectives.utils import ValueEstimators
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from esper_soa.agents.loss import FactoredPPOLoss  # noqa: E402
+from esper_soa.agents.policy import ActorCritic, RewardNormalizer  # noqa: E402
 from esper_soa.cli import add_engine_args, engine_config_from_args  # noqa: E402
-from esper_soa.env import EsperEnv  # noqa: E402
-from esper_soa.loss import FactoredPPOLoss  # noqa: E402
-from esper_soa.policy import ActorCritic, RewardNormalizer  # noqa: E402
+from esper_soa.env.esper_env import EsperEnv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[float]:

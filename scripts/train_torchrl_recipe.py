@@ -2,7 +2,7 @@
 
     python scripts/train_torchrl_recipe.py --n-envs 64 --max-epochs 30 --updates 20
 
-The actor and loss come from :mod:`esper_soa.torchrl_recipe` (the slot head conditioned on the
+The actor and loss come from :mod:`esper_soa.agents.torchrl_recipe` (the slot head conditioned on the
 sampled op, so every action is valid: the env keeps ``validate_actions`` on). Compare with
 ``scripts/train_ppo.py`` / ``esper-soa train``, which use the project's ``FactoredPPOLoss``.
 """
@@ -20,9 +20,9 @@ from torchrl.envs import RewardSum, TransformedEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from esper_soa.agents.torchrl_recipe import make_actor_critic, make_ppo_loss  # noqa: E402
 from esper_soa.cli import add_engine_args, engine_config_from_args  # noqa: E402
-from esper_soa.env import EsperEnv  # noqa: E402
-from esper_soa.torchrl_recipe import make_actor_critic, make_ppo_loss  # noqa: E402
+from esper_soa.env.esper_env import EsperEnv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[float]:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from esper_soa.dynamics.base import METRIC_FIELDS
-from esper_soa.spec import HEAD_NAMES, AlphaCurve, Blueprint, Op, Style, head_sizes
+from esper_soa.core.spec import (
+    HEAD_NAMES,
+    METRIC_FIELDS,
+    AlphaCurve,
+    Blueprint,
+    Op,
+    Style,
+    head_sizes,
+)
 
 
 def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import HEAD_NAMES
 from esper_soa.dynamics.surrogate import SurrogateConfig
-from esper_soa.engine import Engine
-from esper_soa.env import EsperEnv
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES
-from esper_soa.train import TrainConfig, Trainer
+from esper_soa.env.engine import Engine
+from esper_soa.env.esper_env import EsperEnv
+from esper_soa.training.train import TrainConfig, Trainer
 
 E = 2
 

@@ -12,15 +12,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import record_epoch
-from esper_soa.masks import compute_masks
-from esper_soa.reference import ReferenceEngine
-from esper_soa.reward import compute_reward, settlement
-from esper_soa.spec import SpecTables
-from esper_soa.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state, reset_rows
-from esper_soa.transition import act, emit
-from esper_soa.features import observe
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.features import observe
+from esper_soa.core.lifecycle import record_epoch
+from esper_soa.core.masks import compute_masks
+from esper_soa.core.reward import compute_reward, settlement
+from esper_soa.core.spec import SpecTables
+from esper_soa.core.state import (
+    ENV_FIELDS,
+    SLOT_FIELDS,
+    as_dict,
+    make_state,
+    reset_rows,
+)
+from esper_soa.core.step import act, emit
+from esper_soa.reference.oracle import ReferenceEngine
 from tests.helpers import random_action, random_metrics, to_numpy
 
 configs = st.builds(

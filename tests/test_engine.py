@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import HEAD_NAMES, PRUNABLE_STAGES, Op, Stage
 from esper_soa.dynamics.surrogate import SurrogateConfig
-from esper_soa.engine import Engine
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, Op, Stage
+from esper_soa.env.engine import Engine
 
 # Inductor's cold compile of the whole step takes minutes on 2 cores; "aot_eager" still traces
 # the step with fullgraph=True (so graph breaks, .item() and data-dependent branches fail).

@@ -6,15 +6,21 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector
-from torchrl.envs import ObservationNorm, RewardSum, StepCounter, TransformedEnv, VecNormV2
+from torchrl.envs import (
+    ObservationNorm,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+    VecNormV2,
+)
 from torchrl.envs.utils import check_env_specs
 
-from esper_soa.baselines import RandomMaskedPolicy
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
-from esper_soa.validation import validate_action
+from esper_soa.agents.baselines import RandomMaskedPolicy
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
+from esper_soa.core.validation import validate_action
+from esper_soa.env.esper_env import EsperEnv
 
 
 @pytest.mark.parametrize(

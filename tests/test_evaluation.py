@@ -1,4 +1,4 @@
-"""Held-out evaluation (``esper_soa.evaluation``) and the ``esper-soa eval`` command: J_final and
+"""Held-out evaluation (``esper_soa.training.evaluation``) and the ``esper-soa eval`` command: J_final and
 committed accuracy from the state, per-episode outcomes read at the episode's end, the checkpoint
 round trip, the surrogate-to-hosts path and the CLI's input errors."""
 
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from esper_soa.cli import main
-from esper_soa.config import EngineConfig
-from esper_soa.evaluation import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import Stage
+from esper_soa.core.state import make_state
+from esper_soa.training.evaluation import (
     COLUMNS,
     baseline_factory,
     committed_objective,
@@ -19,9 +21,8 @@ from esper_soa.evaluation import (
     evaluate_controller,
     load_checkpoint_model,
 )
-from esper_soa.spec import Stage
-from esper_soa.state import make_state
-from esper_soa.train import TrainConfig, evaluate_baseline, train
+from esper_soa.training.rollout import evaluate_baseline
+from esper_soa.training.train import TrainConfig, train
 
 CFG = EngineConfig(n_envs=8, max_epochs=60, validate_actions=False)
 
@@ -119,7 +120,7 @@ def test_trace_records_the_swimlane() -> None:
 
 
 def test_plot_without_metrics_says_what_is_missing(tmp_path) -> None:
-    from esper_soa.plots import plot_run
+    from esper_soa.training.plots import plot_run
 
     with pytest.raises(FileNotFoundError, match="esper-soa train --log-dir RUN"):
         plot_run(tmp_path)

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import HEAD_NAMES, Blueprint, Op, Stage
 from esper_soa.dynamics.faults import CLOCK, FaultInjectingDynamics
 from esper_soa.dynamics.surrogate import SurrogateDynamics
-from esper_soa.engine import DIVERGENCE_PENALTY, Engine
-from esper_soa.spec import HEAD_NAMES, Blueprint, Op, Stage
-from esper_soa.train import TrainConfig, Trainer
+from esper_soa.env.engine import DIVERGENCE_PENALTY, Engine
+from esper_soa.training.train import TrainConfig, Trainer
 
 E = 3
 CFG = EngineConfig(n_envs=E, max_epochs=12, seed=5)

@@ -14,14 +14,30 @@ import numpy as np
 import pytest
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import record_epoch
-from esper_soa.reference import ReferenceEngine
-from esper_soa.reward import compute_reward, settlement
-from esper_soa.spec import OBS_BASE, OBS_SLOT, AlphaCurve, AlphaMode, Blueprint, Op, SpecTables, Stage
-from esper_soa.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
-from esper_soa.transition import act, emit
-from tests.helpers import SPEED_FAST, SPEED_INSTANT, TARGET_FULL, make_actions, make_metrics, to_numpy
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import record_epoch
+from esper_soa.core.reward import compute_reward, settlement
+from esper_soa.core.spec import (
+    OBS_BASE,
+    OBS_SLOT,
+    AlphaCurve,
+    AlphaMode,
+    Blueprint,
+    Op,
+    SpecTables,
+    Stage,
+)
+from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
+from esper_soa.core.step import act, emit
+from esper_soa.reference.oracle import ReferenceEngine
+from tests.helpers import (
+    SPEED_FAST,
+    SPEED_INSTANT,
+    TARGET_FULL,
+    make_actions,
+    make_metrics,
+    to_numpy,
+)
 
 # per-slot observation offsets (SPEC §10)
 OBS_STEPS_TOTAL, OBS_STEPS_DONE, OBS_TO_TARGET = 17, 18, 19

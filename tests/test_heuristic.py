@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.engine import Engine
-from esper_soa.heuristic import (
+from esper_soa.agents.heuristic import (
     NEVER_PRUNED,
     HeuristicConfig,
     HeuristicController,
@@ -25,11 +23,21 @@ from esper_soa.heuristic import (
     heuristic_step,
     initial_memory,
 )
-from esper_soa.masks import compute_masks
-from esper_soa.reference import RefHeuristic, ref_heuristic_actions
-from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, AlphaMode, Blueprint, Op, SpecTables, Stage
-from esper_soa.state import make_state
-from esper_soa.validation import validate_action
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import compute_masks
+from esper_soa.core.spec import (
+    HEAD_NAMES,
+    PRUNABLE_STAGES,
+    AlphaMode,
+    Blueprint,
+    Op,
+    SpecTables,
+    Stage,
+)
+from esper_soa.core.state import make_state
+from esper_soa.core.validation import validate_action
+from esper_soa.env.engine import Engine
+from esper_soa.reference.oracle import RefHeuristic, ref_heuristic_actions
 
 COMPILE_BACKEND = os.environ.get("ESPER_COMPILE_BACKEND", "aot_eager")
 CNN_ROTATION = [Blueprint.CONV_LIGHT, Blueprint.CONV_HEAVY, Blueprint.ATTENTION, Blueprint.NORM, Blueprint.DEPTHWISE]

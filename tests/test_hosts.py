@@ -17,10 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from esper_soa import rng
-from esper_soa.config import EngineConfig
-from esper_soa.dynamics.base import METRIC_FIELDS
-from esper_soa.dynamics.data import CIFAR_TEST_FILE, CIFAR_TRAIN_FILES, load_cifar10, load_dataset
+from esper_soa.core import rng
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import METRIC_FIELDS, Stage
+from esper_soa.core.spec import AlphaAlgorithm as A
+from esper_soa.core.spec import Blueprint as BP
+from esper_soa.core.state import as_dict, make_state
+from esper_soa.dynamics.data import (
+    CIFAR_TEST_FILE,
+    CIFAR_TRAIN_FILES,
+    load_cifar10,
+    load_dataset,
+)
 from esper_soa.dynamics.hosts import (
     BatchedHostsDynamics,
     HostsConfig,
@@ -29,11 +37,7 @@ from esper_soa.dynamics.hosts import (
     slot_setups,
     train_single_host,
 )
-from esper_soa.engine import Engine
-from esper_soa.spec import AlphaAlgorithm as A
-from esper_soa.spec import Blueprint as BP
-from esper_soa.spec import Stage
-from esper_soa.state import as_dict, make_state
+from esper_soa.env.engine import Engine
 from tests.helpers import random_action
 
 S = 3

@@ -1,10 +1,10 @@
-"""Reward-integrity gate (issue 13) on the scripted controllers of esper_soa.adversaries."""
+"""Reward-integrity gate (issue 13) on the scripted controllers of esper_soa.agents.adversaries."""
 
 from __future__ import annotations
 
 import pytest
 
-from esper_soa.integrity import NEVER_FOSSILIZE, integrity_table
+from esper_soa.training.integrity import NEVER_FOSSILIZE, integrity_table
 
 
 @pytest.mark.slow

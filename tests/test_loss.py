@@ -12,11 +12,11 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import GAE
 
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.loss import FactoredPPOLoss
-from esper_soa.policy import ActorCritic
-from esper_soa.spec import HEAD_NAMES, TOPOLOGY_BLUEPRINTS, Op, head_sizes
+from esper_soa.agents.loss import FactoredPPOLoss
+from esper_soa.agents.policy import ActorCritic
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import HEAD_NAMES, TOPOLOGY_BLUEPRINTS, Op, head_sizes
+from esper_soa.env.esper_env import EsperEnv
 
 S = 2
 SIZES = head_sizes(S)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from esper_soa.spec import Op
+from esper_soa.core.spec import Op
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_original.py"
 
@@ -62,7 +62,7 @@ def test_a_plain_blend_to_holding_matches() -> None:
 
 def test_the_harness_sees_a_lifecycle_difference(monkeypatch: pytest.MonkeyPatch) -> None:
     """With our G2 forced to fail, the same sequence shows up as op-success and stage mismatches."""
-    import esper_soa.lifecycle as lifecycle
+    import esper_soa.core.lifecycle as lifecycle
 
     monkeypatch.setattr(lifecycle, "gate_g2", lambda st, cfg: st["slots"]["epochs_in_stage"] < 0)
     trace = [(None, M()), (A(Op.GERMINATE), M()), (A(Op.ADVANCE), M())] + [(A(), M())] * 10 + [(A(Op.ADVANCE), M())]

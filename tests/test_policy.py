@@ -9,12 +9,22 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from esper_soa.config import EngineConfig
-from esper_soa.distribution import MASK_FILL, FactoredMaskedCategorical, stack_action
-from esper_soa.env import EsperEnv
-from esper_soa.masks import sample_masked_action
-from esper_soa.policy import ActorCritic, ObservationNormalizer, RewardNormalizer, RunningMeanStd, stored_action
-from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, Op, head_sizes
+from esper_soa.agents.distribution import (
+    MASK_FILL,
+    FactoredMaskedCategorical,
+    stack_action,
+)
+from esper_soa.agents.policy import (
+    ActorCritic,
+    ObservationNormalizer,
+    RewardNormalizer,
+    RunningMeanStd,
+    stored_action,
+)
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, Op, head_sizes
+from esper_soa.env.esper_env import EsperEnv
 
 S = 3
 SIZES = head_sizes(S)

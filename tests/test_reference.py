@@ -1,4 +1,4 @@
-"""Unit tests of the plain-Python reference oracle (esper_soa.reference).
+"""Unit tests of the plain-Python reference oracle (esper_soa.reference.oracle).
 
 They pin the SPEC's worked values and the SEMANTICS decisions the differential tests rely on:
 alpha curves, the embargo timeline, masks per stage, gate thresholds, observation layout and a
@@ -12,9 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from esper_soa.config import EngineConfig
-from esper_soa.reference import ReferenceEngine, RefSlot, timing_discount
-from esper_soa.spec import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
     CURVE_STEEPNESS,
     EMBARGO_EPOCHS,
     GAMMA,
@@ -30,8 +29,17 @@ from esper_soa.spec import (
     blueprint_params,
     stage_onehot_index,
 )
-from esper_soa.state import ENV_FIELDS, SLOT_FIELDS
-from tests.helpers import SPEED_FAST, SPEED_MEDIUM, TARGET_HALF, TEMPO_STANDARD, make_actions, make_metrics
+from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS
+from esper_soa.reference.oracle import ReferenceEngine, RefSlot, timing_discount
+from tests.helpers import (
+    SPEED_FAST,
+    SPEED_MEDIUM,
+    TARGET_HALF,
+    TEMPO_STANDARD,
+    make_actions,
+    make_metrics,
+)
+
 
 def make_engine(n_envs: int = 1, n_slots: int = 3, **cfg_kw) -> ReferenceEngine:
     cfg_kw.setdefault("reward_mode", "shaped")  # the reward tests below pin the original's SHAPED values

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from esper_soa.spec import GAMMA, Op, Stage
+from esper_soa.core.spec import GAMMA, Op, Stage
 from tests.test_reference import make_engine, reward_of, set_slot
 
 H, P = 1e5, 4000.0

@@ -14,12 +14,17 @@ import os
 
 import torch
 
-from esper_soa import rng
-from esper_soa.config import EngineConfig
-from esper_soa.dynamics.base import METRIC_FIELDS
+from esper_soa.core import rng
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
+    METRIC_FIELDS,
+    AlphaAlgorithm,
+    Blueprint,
+    SpecTables,
+    Stage,
+)
+from esper_soa.core.state import make_state
 from esper_soa.dynamics.surrogate import LATENT_KEYS, SurrogateConfig, SurrogateDynamics
-from esper_soa.spec import AlphaAlgorithm, Blueprint, SpecTables, Stage
-from esper_soa.state import make_state
 
 S = 3
 SLOT_WIDE = 2  # width 128 for cnn

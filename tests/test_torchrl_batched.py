@@ -13,10 +13,10 @@ from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import SerialEnv
 from torchrl.envs.utils import check_env_specs
 
-from esper_soa.baselines import RandomMaskedPolicy
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv, make_batched_env
-from esper_soa.spec import HEAD_RELEVANCE
+from esper_soa.agents.baselines import RandomMaskedPolicy
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import HEAD_RELEVANCE
+from esper_soa.env.esper_env import EsperEnv, make_batched_env
 
 E = 4
 

@@ -12,10 +12,14 @@ from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 from torchrl.modules import MaskedCategorical
 
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.spec import HEAD_NAMES, Op
-from esper_soa.torchrl_recipe import EsperActionDistribution, make_actor_critic, make_ppo_loss
+from esper_soa.agents.torchrl_recipe import (
+    EsperActionDistribution,
+    make_actor_critic,
+    make_ppo_loss,
+)
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import HEAD_NAMES, Op
+from esper_soa.env.esper_env import EsperEnv
 
 E = 8
 

@@ -10,9 +10,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.spec import Op
-from esper_soa.train import METRICS_DIR, TIMING_KEYS, TrainConfig, Trainer, evaluate, evaluate_baseline, train
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import Op
+from esper_soa.training.rollout import evaluate, evaluate_baseline
+from esper_soa.training.train import (
+    METRICS_DIR,
+    TIMING_KEYS,
+    TrainConfig,
+    Trainer,
+    train,
+)
 
 
 def small(**overrides) -> TrainConfig:

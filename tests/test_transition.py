@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from esper_soa.alpha import alpha_progress
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import record_epoch
-from esper_soa.masks import compute_masks
-from esper_soa.spec import AlphaCurve, Op, SpecTables, Stage, head_sizes
-from esper_soa.state import FLAG_FIELDS, as_dict, from_dict, make_state, reset_rows
-from esper_soa.transition import transition
-from esper_soa.validation import validate_action
+from esper_soa.core.alpha import alpha_progress
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import record_epoch
+from esper_soa.core.masks import compute_masks
+from esper_soa.core.spec import AlphaCurve, Op, SpecTables, Stage, head_sizes
+from esper_soa.core.state import FLAG_FIELDS, as_dict, from_dict, make_state, reset_rows
+from esper_soa.core.step import transition
+from esper_soa.core.validation import validate_action
 from tests.helpers import random_action, random_metrics
 
 

@@ -1,7 +1,7 @@
 """Host-dynamics backend contract (SPEC §11).
 
 A backend advances every env one host epoch given the slot state and returns a flat dict of
-tensors named by :data:`METRIC_FIELDS`. ``record_epoch`` (lifecycle) is the only consumer, so any
+tensors named by ``spec.METRIC_FIELDS``. ``record_epoch`` (lifecycle) is the only consumer, so any
 backend that fills these fields plugs into the engine.
 """
 
@@ -11,24 +11,7 @@ from typing import Protocol
 
 import torch
 
-from esper_soa.state import State
-
-# name -> (dtype, per-slot?)  Per-env fields are [E]; per-slot fields are [E, S].
-METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
-    "val_loss": (torch.float32, False),
-    "val_acc": (torch.float32, False),  # percent
-    "acc_all_seeds_off": (torch.float32, False),  # val_acc with every seed's alpha forced to 0
-    "acc_committed": (torch.float32, False),  # val_acc with every non-FOSSILIZED seed's alpha at 0
-    "host_params": (torch.float32, False),
-    "diverged": (torch.bool, False),  # catastrophic divergence reported by the backend
-    "acc_without_slot": (torch.float32, True),  # val_acc with this slot's alpha forced to 0
-    "interaction_sum": (torch.float32, True),  # sum of pairwise interaction terms with other slots
-    "gradient_norm": (torch.float32, True),
-    "gradient_health": (torch.float32, True),  # in [0, 1]
-    "gradient_ratio": (torch.float32, True),  # seed grad norm / host grad norm
-    "has_vanishing": (torch.bool, True),
-    "has_exploding": (torch.bool, True),
-}
+from esper_soa.core.state import State
 
 
 class DynamicsBackend(Protocol):

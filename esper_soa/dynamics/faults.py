@@ -21,9 +21,10 @@ from collections.abc import Iterable
 
 import torch
 
-from esper_soa.dynamics.base import METRIC_FIELDS, DynamicsBackend
-from esper_soa.state import State
-from esper_soa.validation import bad_value, expect_float, expect_int
+from esper_soa.core.spec import METRIC_FIELDS
+from esper_soa.core.state import State
+from esper_soa.core.validation import bad_value, expect_float, expect_int
+from esper_soa.dynamics.base import DynamicsBackend
 
 CLOCK = "fault_step"  # aux key: steps taken by each env (kept across resets)
 # stand-in values of a diverged env's metrics (the others become 0 / False where non-finite)

@@ -12,7 +12,7 @@ diverging env cannot leak into the others (tested).
 
 Sleeper seeds: each slot pre-allocates one seed module per cnn blueprint (CONV_LIGHT, ATTENTION,
 NORM, DEPTHWISE, BOTTLENECK, CONV_SMALL, CONV_HEAVY; parameter counts follow
-``esper_soa.spec.blueprint_params`` at the slot's width) plus a per-slot gate, so the topology is
+``esper_soa.core.spec.blueprint_params`` at the slot's width) plus a per-slot gate, so the topology is
 static. Every seed is residual, ``s = x + f(x)`` with a small last layer (``seed_init_scale``), so a
 fresh seed is close to the identity. Env ``e`` uses blueprint ``state.slots.blueprint[e, s]``: once
 per ``advance`` the envs are grouped by (slot, blueprint) (at most 7 groups per slot, a loop over
@@ -28,7 +28,7 @@ value added is exactly 0 (host outputs bit-identical) and the host gets no gradi
 while the seed learns from the task loss as if fully blended (straight-through "incubation").
 BLENDING/HOLDING -> blended with the slot's alpha, seed and host both train. FOSSILIZED -> blended
 with alpha 1, seed frozen. A new seed (``germination_epoch``/blueprint differ from what ``aux``
-remembers) gets fresh weights from the per-env counter RNG (:mod:`esper_soa.rng`) keyed by its
+remembers) gets fresh weights from the per-env counter RNG (:mod:`esper_soa.core.rng`) keyed by its
 germination epoch, so runs are reproducible. SGD with momentum is implemented functionally on the
 stacked tensors; seed and gate updates are masked to the envs whose seed is live and training.
 
@@ -89,18 +89,25 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from esper_soa import rng
-from esper_soa.config import EngineConfig
+from esper_soa.core import rng
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
+    LIVE_STAGES,
+    TOPOLOGY_BLUEPRINTS,
+    AlphaAlgorithm,
+    Blueprint,
+    Stage,
+    blueprint_params,
+    stage_in,
+)
+from esper_soa.core.state import State
+from esper_soa.core.validation import backend_config
 from esper_soa.dynamics.data import DATASETS, HostDataset, load_dataset
-from esper_soa.spec import TOPOLOGY_BLUEPRINTS, AlphaAlgorithm, Blueprint, Stage, blueprint_params
-from esper_soa.state import State
-from esper_soa.validation import backend_config
 
 CNN_BLUEPRINTS = tuple(Blueprint(b) for b in TOPOLOGY_BLUEPRINTS["cnn"])
 MAX_SLOTS = 3
 GN_EPS = 1e-5
 
-_LIVE = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
 _SEEDED = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)  # seed runs in forward
 _TRAINS = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)  # seed parameters get updates
 
@@ -311,13 +318,6 @@ def gn_relu_pool(
     if not g_nonneg:
         pooled = torch.where(scale >= 0, pooled, _pool_pairs(x, torch.minimum))
     return F.relu(torch.addcmul(shift, pooled, scale))
-
-
-def _stage_in(stage: torch.Tensor, codes: tuple[Stage, ...]) -> torch.Tensor:
-    m = torch.zeros_like(stage, dtype=torch.bool)
-    for c in codes:
-        m = m | (stage == int(c))
-    return m
 
 
 def _blend_delta(
@@ -576,7 +576,7 @@ class BatchedHostsDynamics:
         not depend on when or how often this runs. Idempotent.
         """
         sl = state["slots"]
-        live = _stage_in(sl["stage"], _LIVE)
+        live = stage_in(sl["stage"], LIVE_STAGES)
         germ = sl["germination_epoch"].to(torch.int64)  # state codes may be int32
         token = torch.where(live, germ + 1, 0)
         bp = torch.where(live, sl["blueprint"].to(torch.int64), 0)
@@ -621,11 +621,11 @@ class BatchedHostsDynamics:
         stage = sl["stage"].cpu()
         incubate = stage == int(Stage.TRAINING)
         alpha = torch.where((stage == int(Stage.FOSSILIZED)) | incubate, 1.0, sl["alpha"].cpu())
-        blended = _stage_in(stage, (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED))
+        blended = stage_in(stage, (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED))
         return _SlotTable(
             bp=sl["blueprint"].cpu().to(torch.int64), alpha=alpha, algorithm=sl["algorithm"].cpu().to(torch.int64),
             incubate=incubate,
-            trains=_stage_in(stage, _TRAINS), seeded=_stage_in(stage, _SEEDED), active=blended & (alpha > 0.0),
+            trains=stage_in(stage, _TRAINS), seeded=stage_in(stage, _SEEDED), active=blended & (alpha > 0.0),
         )
 
     @staticmethod
@@ -817,7 +817,7 @@ class BatchedHostsDynamics:
         tab = self._slot_table(state) if tab is None else tab
         groups = [self._groups(tab, s, None, train=True) for s in range(self.n_slots)]
         order = self.data_order(aux)
-        trains = _stage_in(sl["stage"], _TRAINS)
+        trains = stage_in(sl["stage"], _TRAINS)
         is_gate = sl["algorithm"] == int(AlphaAlgorithm.GATE)
         # trainable modules and the env mask of their update (None = every env)
         masks: dict[str, torch.Tensor | None] = {"host": None}
@@ -920,7 +920,7 @@ class BatchedHostsDynamics:
         ev = self.evaluate(state, new_aux, tab)
         sl = state["slots"]
         n_env = aux["rng_key"].shape[0]
-        trains = _stage_in(sl["stage"], _TRAINS)
+        trains = stage_in(sl["stage"], _TRAINS)
         bp = sl["blueprint"].to(torch.int64).clamp(0, len(Blueprint) - 1)
         n_seed = torch.gather(self.seed_params_table.expand(n_env, -1, -1), 2, bp[..., None]).squeeze(-1)
         grad = grad_summary(tel["seed_norm"], tel["host_norm"][:, None], n_seed, self.host_params, self.hcfg)

@@ -12,7 +12,7 @@ recover the seed's contribution up to a small per-evaluation noise.
 
 Everything is a pure tensor function of ``(state, aux)``: no loops over envs or slots, no host
 syncs, no data-dependent Python branches, so ``advance`` compiles with ``fullgraph=True``. All
-randomness comes from :mod:`esper_soa.rng` keyed by the per-env ``rng_key``/``rng_counter`` in
+randomness comes from :mod:`esper_soa.core.rng` keyed by the per-env ``rng_key``/``rng_counter`` in
 ``aux``; the counter advances on every call.
 """
 
@@ -23,11 +23,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from esper_soa import rng
-from esper_soa.config import EngineConfig
-from esper_soa.spec import AlphaAlgorithm, Blueprint, SpecTables, Stage
-from esper_soa.state import State
-from esper_soa.validation import backend_config
+from esper_soa.core import rng
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
+    LIVE_STAGES,
+    AlphaAlgorithm,
+    Blueprint,
+    SpecTables,
+    Stage,
+    stage_in,
+)
+from esper_soa.core.state import State
+from esper_soa.core.validation import backend_config
 
 N_BLUEPRINTS = len(Blueprint)
 
@@ -170,14 +177,6 @@ LATENT_KEYS = ("host_acc0", "host_acc_max", "host_tau", "benefit", "health", "gr
 RUNNING_KEYS = ("progress", "coadapt", "debt", "shock")
 
 
-def _stage_in(stage: torch.Tensor, codes: tuple[Stage, ...]) -> torch.Tensor:
-    m = torch.zeros_like(stage, dtype=torch.bool)
-    for c in codes:
-        m = m | (stage == int(c))
-    return m
-
-
-_LIVE = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)
 _TRAINS = (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
 
 
@@ -261,7 +260,7 @@ class SurrogateDynamics:
 
     def reset_aux(self, aux: dict, rows: torch.Tensor, episode_seed: torch.Tensor) -> dict:
         """Re-key the envs in ``rows`` ([E] bool) with ``episode_seed`` ([E] or scalar int64 keys,
-        see :func:`esper_soa.rng.episode_seed`), re-draw their latents, zero their running state.
+        see :func:`esper_soa.core.rng.episode_seed`), re-draw their latents, zero their running state.
 
         Latents are drawn for every row and selected with ``torch.where``, so rows outside ``rows``
         stay bit-identical and the function stays branch- and sync-free.
@@ -299,8 +298,8 @@ class SurrogateDynamics:
         key, counter = aux["rng_key"], aux["rng_counter"]
         t = state["epoch"].to(torch.float32)
 
-        live = _stage_in(stage, _LIVE)
-        trains = _stage_in(stage, _TRAINS)
+        live = stage_in(stage, LIVE_STAGES)
+        trains = stage_in(stage, _TRAINS)
         bp = sl["blueprint"].clamp(0, N_BLUEPRINTS - 1).unsqueeze(-1)  # [E, S, 1]
         size = torch.gather(self.size_scale.to(dev).expand(e, s, N_BLUEPRINTS), 2, bp).squeeze(-1)
 

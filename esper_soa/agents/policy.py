@@ -31,17 +31,24 @@ from torchrl.envs import InitTracker
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import LSTMModule, set_recurrent_mode
 
-from esper_soa.distribution import (
+from esper_soa.agents.distribution import (
     N_HEADS,
     FactoredMaskedCategorical,
     pad_head_masks,
     stack_action,
     unstack_action,
 )
-from esper_soa.env import MASK_KEYS
-from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, OBS_BASE, OBS_SLOT, Blueprint, head_sizes
+from esper_soa.core.spec import (
+    ACTION_KEYS,
+    EMPTY_BLUEPRINT_INDEX,
+    HEAD_NAMES,
+    MASK_KEYS,
+    OBS_BASE,
+    OBS_SLOT,
+    Blueprint,
+    head_sizes,
+)
 
-ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
 RECURRENT_KEYS = ("recurrent_state_h", "recurrent_state_c")
 
 

@@ -13,7 +13,7 @@ so the log-prob at loss time is the one at sampling time). Its entropy follows t
 Everything else is stock TorchRL: per-head log-probs (``("action", "<head>_log_prob")``), the
 summed ``action_log_prob``, per-head entropies, ``ClipPPOLoss`` with ``GAE``. Use it to plug the
 env into TorchRL tooling (other losses, replay buffers, collectors). The project's
-:class:`~esper_soa.loss.FactoredPPOLoss` adds what this recipe leaves out (SPEC §14): log-probs
+:class:`~esper_soa.agents.loss.FactoredPPOLoss` adds what this recipe leaves out (SPEC §14): log-probs
 and entropies over the causally relevant heads only, entropies normalised by ``log(n_valid)``
 with per-head multipliers, the forced-step value weight; it is what ``esper-soa train`` uses.
 """
@@ -32,10 +32,9 @@ from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from esper_soa.env import EsperEnv
-from esper_soa.spec import GAMMA, HEAD_NAMES, head_sizes
+from esper_soa.core.spec import ACTION_KEYS, GAMMA, HEAD_NAMES, head_sizes
+from esper_soa.env.esper_env import EsperEnv
 
-ACTION_KEYS: list[NestedKey] = [("action", h) for h in HEAD_NAMES]
 _OP, _SLOT = ("action", "op"), ("action", "slot")
 
 
@@ -205,7 +204,7 @@ def make_actor_critic(env: EsperEnv, hidden: int = 64, depth: int = 2) -> tuple[
     actor = ProbabilisticActor(
         heads,
         in_keys={"params": "params", "masks": "masks"},
-        out_keys=ACTION_KEYS,
+        out_keys=list(ACTION_KEYS),
         distribution_class=EsperActionDistribution,
         return_log_prob=True,
         spec=env.full_action_spec,

@@ -3,7 +3,7 @@
 ``RandomMaskedPolicy`` draws a uniformly random *valid* action (op first, then a slot the op
 allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state;
 ``ScriptedPolicy`` runs ``wait`` or one of the reward-probing controllers of
-:mod:`esper_soa.adversaries`. All write ``("action", head)`` for every head and never sync with
+:mod:`esper_soa.agents.adversaries`. All write ``("action", head)`` for every head and never sync with
 the host.
 """
 
@@ -13,13 +13,17 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from esper_soa.adversaries import ADVERSARIES, adversary_config, adversary_step, wait_action
-from esper_soa.env import MASK_KEYS, EsperEnv
-from esper_soa.heuristic import HeuristicConfig, HeuristicController
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import HEAD_NAMES
+from esper_soa.agents.adversaries import (
+    ADVERSARIES,
+    adversary_config,
+    adversary_step,
+    wait_action,
+)
+from esper_soa.agents.heuristic import HeuristicConfig, HeuristicController
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import ACTION_KEYS, MASK_KEYS
+from esper_soa.env.esper_env import EsperEnv
 
-ACTION_KEYS = [("action", h) for h in HEAD_NAMES]
 CONTROLLERS = ("random", "heuristic", "wait") + ADVERSARIES
 
 
@@ -67,7 +71,7 @@ class HeuristicPolicy(TensorDictModuleBase):
 
 class ScriptedPolicy(TensorDictModuleBase):
     """``wait`` (WAIT on the first slot WAIT allows, every step) or one of
-    :data:`esper_soa.adversaries.ADVERSARIES`, as a collector policy reading the engine's state."""
+    :data:`esper_soa.agents.adversaries.ADVERSARIES`, as a collector policy reading the engine's state."""
 
     def __init__(self, env: EsperEnv, name: str) -> None:
         super().__init__()

@@ -21,11 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from esper_soa.config import EngineConfig
-from esper_soa.heuristic import HeuristicConfig, _at, _first, allowed_or_wait
-from esper_soa.lifecycle import gate_g2, gate_g3
-from esper_soa.spec import HEAD_NAMES, Op, Stage, slot_widths
-from esper_soa.state import State
+
+from esper_soa.agents.heuristic import HeuristicConfig, _at, _first, allowed_or_wait
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import gate_g2, gate_g3
+from esper_soa.core.spec import HEAD_NAMES, Op, Stage, slot_widths
+from esper_soa.core.state import State
 
 FARMS = ("farm_blending", "farm_holding", "farm_late")
 ADVERSARIES = tuple(f"{f}_{size}" for f in FARMS for size in ("largest", "smallest")) + ("honest",)

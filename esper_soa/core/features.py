@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import stage_in
-from esper_soa.spec import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
     CF_FRESHNESS_DECAY,
     EMPTY_BLUEPRINT_INDEX,
     FIXED_HEAD_SIZES,
@@ -18,8 +17,9 @@ from esper_soa.spec import (
     AlphaMode,
     SpecTables,
     Stage,
+    stage_in,
 )
-from esper_soa.state import State
+from esper_soa.core.state import State
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, head_sizes
+from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, head_sizes
 
 if TYPE_CHECKING:
-    from esper_soa.config import EngineConfig
+    from esper_soa.core.config import EngineConfig
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,20 @@ from torchrl.collectors import Collector
 from torchrl.envs import Compose, RewardSum, TransformedEnv
 from tqdm.auto import tqdm
 
-from esper_soa.cli import EPISODE_METRICS, RolloutStats, collect_baseline, final_stats, run_collector, stats_from_samples
-from esper_soa.config import EngineConfig
+from esper_soa.agents.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
+from esper_soa.agents.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import GAMMA, HEAD_NAMES, MASK_KEYS, Op
+from esper_soa.core.validation import (
+    expect_bool,
+    expect_choice,
+    expect_float,
+    expect_int,
+)
 from esper_soa.dynamics.base import DynamicsBackend
-from esper_soa.engine import Engine
-from esper_soa.env import MASK_KEYS, EsperEnv
-from esper_soa.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
-from esper_soa.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
-from esper_soa.spec import GAMMA, HEAD_NAMES, Op
-from esper_soa.validation import expect_bool, expect_choice, expect_float, expect_int
+from esper_soa.env.engine import Engine
+from esper_soa.env.esper_env import EsperEnv
+from esper_soa.training.rollout import final_stats
 
 COLLECTORS = ("engine", "torchrl")
 TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
@@ -601,39 +606,3 @@ def train(
     if resume is not None:
         trainer.load(resume)
     return trainer.run()
-
-
-# --- evaluation -----------------------------------------------------------------------------
-def merge_stats(stats: Sequence[RolloutStats]) -> RolloutStats:
-    """Pool rollouts (their episodes' samples, summed frames/time/op counts)."""
-    ops: dict[str, int] = {}
-    for s in stats:
-        for k, v in s.op_counts.items():
-            ops[k] = ops.get(k, 0) + v
-    samples = {k: torch.cat([s.samples[k] for s in stats]) for k in EPISODE_METRICS}
-    return stats_from_samples(samples, sum(s.frames for s in stats), sum(s.seconds for s in stats), ops)
-
-
-def evaluate(
-    model: ActorCritic, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool = True, episodes: int = 1
-) -> RolloutStats:
-    """Full episodes of ``model`` on each env seed in ``seeds`` (use seeds not trained on),
-    through the same ``run_collector`` the baselines use; greedy or sampled actions."""
-    frames = cfg.n_envs * cfg.max_epochs
-    previous = model.actor.deterministic
-    model.actor.deterministic = greedy
-    try:
-        transforms = model.env_transforms()
-        runs = [
-            run_collector(EsperEnv(replace(cfg, seed=s)), model.policy, frames, frames * episodes, transforms)
-            for s in seeds
-        ]
-    finally:
-        model.actor.deterministic = previous
-    return merge_stats(runs)
-
-
-def evaluate_baseline(name: str, cfg: EngineConfig, seeds: Sequence[int], *, episodes: int = 1) -> RolloutStats:
-    """A scripted controller (``random``, ``heuristic``, ``wait``, ...) on the same held-out seeds
-    as :func:`evaluate`."""
-    return merge_stats([collect_baseline(name, replace(cfg, seed=s), episodes) for s in seeds])

@@ -17,14 +17,20 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, Transform, TransformedEnv
 
-from esper_soa.config import EngineConfig
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import (
+    DONE_KEYS,
+    EMPTY_BLUEPRINT_INDEX,
+    HEAD_NAMES,
+    MASK_KEYS,
+    Blueprint,
+    Op,
+    head_sizes,
+)
 from esper_soa.dynamics.base import DynamicsBackend
-from esper_soa.engine import Engine
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import EMPTY_BLUEPRINT_INDEX, HEAD_NAMES, Blueprint, Op, head_sizes
+from esper_soa.env.engine import Engine
 
-MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
-DONE_KEYS = ("done", "terminated", "truncated")
 LOG_PROB_SUFFIXES = ("_log_prob", "_entropy")
 
 

@@ -40,17 +40,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from esper_soa.adversaries import wait_action
-from esper_soa.config import EngineConfig
+from esper_soa.agents.adversaries import wait_action
+from esper_soa.agents.heuristic import HeuristicController
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import LIVE_STAGES, AlphaAlgorithm, Blueprint, Stage
 from esper_soa.dynamics.surrogate import SurrogateConfig, SurrogateDynamics
-from esper_soa.engine import Engine
-from esper_soa.heuristic import HeuristicController
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import AlphaAlgorithm, Blueprint, Stage
+from esper_soa.env.engine import Engine
 
 CONTROLLERS = ("host_only", "heuristic", "random")
-LIVE_CODES = tuple(int(s) for s in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING,
-                                    Stage.FOSSILIZED))
+LIVE_CODES = tuple(int(s) for s in LIVE_STAGES)
 TRAIN_CODES = tuple(int(s) for s in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING))
 HOST_CURVE_FIELDS = ("host_acc0_min", "host_acc0_max", "host_acc_max_min", "host_acc_max_max",
                      "host_tau_min", "host_tau_max")
@@ -808,9 +807,9 @@ def seed_headroom(hosts_config: Any, replicates: int = 6, epochs: int = 30, seed
     Why: on a host that already solves its task alone, no controller can show a seed's value,
     so the calibrated hosts configuration is chosen where this headroom is >= 1 pp.
     """
+    from esper_soa.core.rng import episode_seed
+    from esper_soa.core.state import make_state
     from esper_soa.dynamics.hosts import CNN_BLUEPRINTS, BatchedHostsDynamics
-    from esper_soa.rng import episode_seed
-    from esper_soa.state import make_state
 
     variants = [None] + [(s, bp) for s in range(3) for bp in CNN_BLUEPRINTS]
     n_var = len(variants)

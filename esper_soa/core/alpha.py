@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from esper_soa.spec import AlphaCurve, AlphaMode
-from esper_soa.state import State, update
+from esper_soa.core.spec import AlphaCurve, AlphaMode
+from esper_soa.core.state import State, update
 
 
 def alpha_progress(t: torch.Tensor, curve: torch.Tensor, steepness: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import stage_in
-from esper_soa.spec import GAMMA, LIVE_STAGES, MIN_PRUNE_AGE, N_STAGE_CODES, OPS, PRUNABLE_STAGES, Op, Stage
-from esper_soa.state import State
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
+    GAMMA,
+    LIVE_STAGES,
+    MIN_PRUNE_AGE,
+    N_STAGE_CODES,
+    OPS,
+    PRUNABLE_STAGES,
+    Op,
+    Stage,
+    stage_in,
+)
+from esper_soa.core.state import State
 
 # Potential base per stage code (SPEC §12); stages not listed are 0.
 PHI_BASE = {Stage.GERMINATED: 1.0, Stage.TRAINING: 2.0, Stage.BLENDING: 3.5, Stage.HOLDING: 5.5, Stage.FOSSILIZED: 6.0}

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from esper_soa.config import EngineConfig
-from esper_soa.spec import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
     ADVANCEABLE_STAGES,
     ALPHA_ATOL,
     ALPHA_SPEED_TICKS,
@@ -31,8 +31,8 @@ from esper_soa.spec import (
     CF_FRESHNESS_DECAY,
     COUNTERFACTUAL_STAGES,
     CURVE_STEEPNESS,
-    EMPTY_BLUEPRINT_INDEX,
     EMBARGO_EPOCHS,
+    EMPTY_BLUEPRINT_INDEX,
     G2_MIN_EPOCHS,
     G2_MIN_HEALTH,
     G2_STRICT_GRAD_RATIO,
@@ -67,7 +67,7 @@ from esper_soa.spec import (
     slot_widths,
     stage_onehot_index,
 )
-from esper_soa.state import ENV_FIELDS, I32, SLOT_FIELDS, B, F, I
+from esper_soa.core.state import ENV_FIELDS, I32, SLOT_FIELDS, B, F, I
 
 __all__ = ["RefSlot", "RefEnv", "ReferenceEngine"]
 
@@ -913,11 +913,11 @@ class ReferenceEngine:
 # ================================================================================================
 from dataclasses import replace as _replace  # noqa: E402
 
-from esper_soa.heuristic import NEVER_PRUNED, HeuristicConfig  # noqa: E402
+from esper_soa.agents.heuristic import NEVER_PRUNED, HeuristicConfig  # noqa: E402
 
 
 class RefHeuristic:
-    """The §14a heuristic for one env in plain Python: the oracle of ``esper_soa.heuristic``.
+    """The §14a heuristic for one env in plain Python: the oracle of ``esper_soa.agents.heuristic``.
 
     Same rules and interpretations as the tensorized controller (its module docstring lists them);
     masks and gates come from this module's :class:`ReferenceEngine`, not from the batched engine,

@@ -12,17 +12,24 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
-from esper_soa.alpha import hold_at
-from esper_soa.config import MAX_SEED, EngineConfig
+from esper_soa.core.alpha import hold_at
+from esper_soa.core.config import MAX_SEED, EngineConfig
+from esper_soa.core.lifecycle import copy_state, move, record_epoch
+from esper_soa.core.masks import compute_masks
+from esper_soa.core.reward import compute_reward, settlement
+from esper_soa.core.rng import episode_seed
+from esper_soa.core.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage, stage_in
+from esper_soa.core.state import (
+    State,
+    as_dict,
+    from_dict,
+    make_state,
+    reset_rows,
+    update,
+)
+from esper_soa.core.step import act, emit
+from esper_soa.core.validation import expect_int, validate_action
 from esper_soa.dynamics.base import DynamicsBackend
-from esper_soa.lifecycle import copy_state, move, record_epoch, stage_in
-from esper_soa.masks import compute_masks
-from esper_soa.reward import compute_reward, settlement
-from esper_soa.rng import episode_seed
-from esper_soa.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage
-from esper_soa.state import State, as_dict, from_dict, make_state, reset_rows, update
-from esper_soa.transition import act, emit
-from esper_soa.validation import expect_int, validate_action
 
 DIVERGENCE_PENALTY = -10.0
 

@@ -264,3 +264,37 @@ class SpecTables:
         self.slot_enabled = torch.tensor(enabled, dtype=torch.bool, device=dev)
         self.all_true = torch.ones(max(FIXED_HEAD_SIZES.values()), dtype=torch.bool, device=dev)
         self.head_relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=dev)
+
+
+# --- names shared by every layer (kept here, at the bottom, so nothing imports upward) ---------
+# The host metrics a dynamics backend reports each epoch (SPEC §11); ``record_epoch`` reads them.
+# name -> (dtype, per-slot?)  Per-env fields are [E]; per-slot fields are [E, S].
+METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
+    "val_loss": (torch.float32, False),
+    "val_acc": (torch.float32, False),  # percent
+    "acc_all_seeds_off": (torch.float32, False),  # val_acc with every seed's alpha forced to 0
+    "acc_committed": (torch.float32, False),  # val_acc with every non-FOSSILIZED seed's alpha at 0
+    "host_params": (torch.float32, False),
+    "diverged": (torch.bool, False),  # catastrophic divergence reported by the backend
+    "acc_without_slot": (torch.float32, True),  # val_acc with this slot's alpha forced to 0
+    "interaction_sum": (torch.float32, True),  # sum of pairwise interaction terms with other slots
+    "gradient_norm": (torch.float32, True),
+    "gradient_health": (torch.float32, True),  # in [0, 1]
+    "gradient_ratio": (torch.float32, True),  # seed grad norm / host grad norm
+    "has_vanishing": (torch.bool, True),
+    "has_exploding": (torch.bool, True),
+}
+
+# The mask entries a step emits and every controller reads (``masks`` in the TorchRL output).
+MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+# The action heads' TensorDict keys, in ``HEAD_NAMES`` order.
+ACTION_KEYS = tuple(("action", h) for h in HEAD_NAMES)
+DONE_KEYS = ("done", "terminated", "truncated")
+
+
+def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
+    """Elementwise membership of stage codes in a static set."""
+    out = stage == int(stages[0])
+    for s in stages[1:]:
+        out = out | (stage == int(s))
+    return out

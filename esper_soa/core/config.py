@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from esper_soa.spec import OBS_BASE, OBS_SLOT, TOPOLOGY_BLUEPRINTS
-from esper_soa.validation import bad_value, expect_bool, expect_choice, expect_int
+from esper_soa.core.spec import OBS_BASE, OBS_SLOT, TOPOLOGY_BLUEPRINTS
+from esper_soa.core.validation import bad_value, expect_bool, expect_choice, expect_int
 
 GATE_MODES = ("permissive", "strict")
 REWARD_MODES = ("committed", "shaped", "sparse", "minimal", "simplified")

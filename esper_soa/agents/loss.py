@@ -29,8 +29,8 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import GAE
 
-from esper_soa.policy import ActorCritic, stored_action
-from esper_soa.spec import GAMMA, HEAD_NAMES
+from esper_soa.agents.policy import ActorCritic, stored_action
+from esper_soa.core.spec import GAMMA, HEAD_NAMES
 
 ENTROPY_MULTIPLIERS = {
     "op": 1.0,
@@ -52,7 +52,7 @@ def _masked_mean(x: torch.Tensor, weight: torch.Tensor, dim: int = 0) -> torch.T
 
 
 class FactoredPPOLoss(LossModule):
-    """Clipped PPO with per-head ratios for :class:`~esper_soa.policy.ActorCritic`.
+    """Clipped PPO with per-head ratios for :class:`~esper_soa.agents.policy.ActorCritic`.
 
     Reads from the batch: the policy's in-keys (observation, blueprint index, masks, and the
     recurrent state for the LSTM), ``("action", head)``, ``head_log_prob`` ``[..., 8]`` from

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
-from esper_soa.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
+from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
 
 MASK_FILL = -1e4  # masked logit (SPEC §14): exp(-1e4) underflows to exactly 0 in float32
 SLOT = HEAD_NAMES.index("slot")

@@ -63,7 +63,7 @@ Interpretations of §14a (where its text leaves room):
 
 ``heuristic_step`` is a pure function of (memory, state, masks): branch-free ``torch.where``
 logic, no host syncs, so it compiles with ``fullgraph=True`` next to the engine's step.
-``esper_soa.reference.RefHeuristic`` implements the same rules per env in plain Python.
+``esper_soa.reference.oracle.RefHeuristic`` implements the same rules per env in plain Python.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDictBase
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import gate_g2, gate_g3, stage_in
-from esper_soa.spec import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import gate_g2, gate_g3
+from esper_soa.core.spec import (
     ALPHA_SPEED_TICKS,
     ALPHA_TARGETS,
     PRUNABLE_STAGES,
@@ -87,8 +87,9 @@ from esper_soa.spec import (
     Op,
     Stage,
     Style,
+    stage_in,
 )
-from esper_soa.state import State
+from esper_soa.core.state import State
 
 N_BLUEPRINTS = len(Blueprint)
 NEVER_PRUNED = 1_000_000  # epochs_since_prune of a controller that has not pruned (saturates here)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
-from esper_soa.config import EngineConfig
-from esper_soa.spec import HISTORY_LEN, AlphaMode, Stage
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import HISTORY_LEN, AlphaMode, Stage
 
 State = dict  # nested {"field": Tensor[E,...], "slots": {"field": Tensor[E,S]}}
 

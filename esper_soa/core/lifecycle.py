@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from esper_soa.alpha import finish_blend, hold_at, retarget, tick_alpha
-from esper_soa.config import EngineConfig
-from esper_soa.dynamics.base import METRIC_FIELDS
-from esper_soa.spec import (
+from esper_soa.core.alpha import finish_blend, hold_at, retarget, tick_alpha
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.spec import (
     ADVANCEABLE_STAGES,
     ALPHA_ATOL,
     COUNTERFACTUAL_STAGES,
@@ -28,6 +27,7 @@ from esper_soa.spec import (
     GRADIENT_STAGES,
     HEAD_NAMES,
     LIVE_STAGES,
+    METRIC_FIELDS,
     MIN_PRUNE_AGE,
     PRUNABLE_STAGES,
     RESETTING_EPOCHS,
@@ -36,16 +36,15 @@ from esper_soa.spec import (
     SpecTables,
     Stage,
     head_sizes,
+    stage_in,
 )
-from esper_soa.state import State, neutral_slots_like, slot_major, update, where_slots
-
-
-def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:
-    """Elementwise membership of stage codes in a static set."""
-    out = stage == int(stages[0])
-    for s in stages[1:]:
-        out = out | (stage == int(s))
-    return out
+from esper_soa.core.state import (
+    State,
+    neutral_slots_like,
+    slot_major,
+    update,
+    where_slots,
+)
 
 
 def copy_state(state: State) -> tuple[State, State]:

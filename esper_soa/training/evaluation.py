@@ -27,10 +27,10 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import Compose, Transform, TransformedEnv
 from torchrl.envs.utils import step_mdp
 
-from esper_soa.config import EngineConfig
-from esper_soa.env import EsperEnv
-from esper_soa.reward import committed_gain, fossil_params
-from esper_soa.spec import Stage
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.reward import committed_gain, fossil_params
+from esper_soa.core.spec import Stage
+from esper_soa.env.esper_env import EsperEnv
 
 BASELINES = ("heuristic", "random", "wait")
 COLUMNS = {  # key -> table header
@@ -47,7 +47,7 @@ def committed_objective(state: TensorDictBase) -> dict[str, torch.Tensor]:
     """SPEC §12b's committed objective of each env's current state, ``[E]`` tensors: the
     committed accuracy (every non-FOSSILIZED seed's alpha at 0, the backends' ``acc_committed``),
     ``J = acc_committed - acc_all_seeds_off - fossil_params / 50,000`` in pp
-    (:func:`esper_soa.reward.committed_gain`, the same J the COMMITTED reward pays), the fossils
+    (:func:`esper_soa.core.reward.committed_gain`, the same J the COMMITTED reward pays), the fossils
     and the parameters they added."""
     sl = state["slots"]
     fossil = sl["stage"] == int(Stage.FOSSILIZED)
@@ -159,7 +159,11 @@ def _trace_row(state: TensorDictBase, action: TensorDictBase | None, n: int) -> 
 
 def baseline_factory(name: str) -> PolicyFactory:
     """The ``heuristic``, ``random`` (seeded by the engine seed) or ``wait`` controller."""
-    from esper_soa.baselines import HeuristicPolicy, RandomMaskedPolicy, ScriptedPolicy
+    from esper_soa.agents.baselines import (
+        HeuristicPolicy,
+        RandomMaskedPolicy,
+        ScriptedPolicy,
+    )
 
     if name == "heuristic":
         return lambda env, seed: HeuristicPolicy(env)
@@ -173,7 +177,7 @@ def baseline_factory(name: str) -> PolicyFactory:
 def evaluate_model(
     model: Any, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool, trace_envs: int = 0
 ) -> EvalResult:
-    """A trained :class:`~esper_soa.policy.ActorCritic`, greedy or sampled (the sampling is
+    """A trained :class:`~esper_soa.agents.policy.ActorCritic`, greedy or sampled (the sampling is
     seeded by the engine seed, so the table is reproducible)."""
     previous = model.actor.deterministic
     model.actor.deterministic = greedy
@@ -216,7 +220,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     """(model, training config) of a trainer checkpoint (``RUN/checkpoint.pt``)."""
     from dataclasses import fields
 
-    from esper_soa.train import TrainConfig, make_model
+    from esper_soa.training.train import TrainConfig, make_model
 
     path = Path(path)
     if not path.is_file():

@@ -11,19 +11,19 @@ import functools
 
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.lifecycle import germinate_allowed, op_rules
-from esper_soa.spec import (
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.lifecycle import germinate_allowed, op_rules
+from esper_soa.core.spec import (
+    ALPHA_SPEED_TICKS,
     ALPHA_TARGET_DEFAULT,
     ALPHA_TARGETS,
     FIXED_HEAD_SIZES,
     STYLE_DEFAULT,
+    TEMPO_EPOCHS,
     Op,
     SpecTables,
-    TEMPO_EPOCHS,
-    ALPHA_SPEED_TICKS,
 )
-from esper_soa.state import State
+from esper_soa.core.state import State
 
 
 def mask_flags(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from esper_soa.adversaries import adversary_config, adversary_step, wait_action
-from esper_soa.baselines import CONTROLLERS
-from esper_soa.config import EngineConfig
-from esper_soa.engine import Engine
-from esper_soa.heuristic import HeuristicController
-from esper_soa.masks import sample_masked_action
-from esper_soa.spec import GAMMA, Stage
+from esper_soa.agents.adversaries import adversary_config, adversary_step, wait_action
+from esper_soa.agents.baselines import CONTROLLERS
+from esper_soa.agents.heuristic import HeuristicController
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.spec import GAMMA, Stage
+from esper_soa.env.engine import Engine
 
 NEVER_FOSSILIZE = ("wait", "farm_blending_largest", "farm_blending_smallest", "farm_holding_largest",
                    "farm_holding_smallest")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from esper_soa.spec import HEAD_NAMES, Op, Stage
+from esper_soa.core.spec import HEAD_NAMES, Op, Stage
 
 STAGE_COLORS = {
     Stage.DORMANT: "#f2f2f2", Stage.GERMINATED: "#c6dbef", Stage.TRAINING: "#6baed6",
@@ -35,7 +35,7 @@ OP_MARKERS = {Op.GERMINATE: "^", Op.SET_ALPHA_TARGET: "o", Op.PRUNE: "X", Op.FOS
 
 def read_scalars(run: Path) -> dict[str, tuple[list[float], list[float]]]:
     """``name -> (frames, values)`` from the run's TorchRL CSV logger."""
-    from esper_soa.train import METRICS_DIR
+    from esper_soa.training.train import METRICS_DIR
 
     folder = Path(run) / METRICS_DIR / "scalars"
     if not folder.is_dir():
@@ -113,7 +113,7 @@ def plot_learning_curves(run: Path, path: Path) -> Path:
 
 
 def plot_lifecycle(trace: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
-    """Swimlanes from an :func:`~esper_soa.evaluation.evaluate_controller` trace."""
+    """Swimlanes from an :func:`~esper_soa.training.evaluation.evaluate_controller` trace."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +168,7 @@ def plot_run(run: str | Path, n_envs: int = 4, seed: int = 1000, dynamics_config
         raise ImportError("plot: matplotlib is not installed (pip install 'esper_soa[dev]' or matplotlib)") from exc
     from dataclasses import replace
 
-    from esper_soa.evaluation import evaluate_model, load_checkpoint_model
+    from esper_soa.training.evaluation import evaluate_model, load_checkpoint_model
 
     run = Path(run)
     out = [plot_learning_curves(run, run / "learning_curves.png")]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from esper_soa.config import EngineConfig
-from esper_soa.features import observe
-from esper_soa.lifecycle import apply_op, record_epoch, tick
-from esper_soa.masks import mask_flags
-from esper_soa.reward import committed_gain
-from esper_soa.spec import SpecTables
-from esper_soa.state import State, slot_major
+from esper_soa.core.config import EngineConfig
+from esper_soa.core.features import observe
+from esper_soa.core.lifecycle import apply_op, record_epoch, tick
+from esper_soa.core.masks import mask_flags
+from esper_soa.core.reward import committed_gain
+from esper_soa.core.spec import SpecTables
+from esper_soa.core.state import State, slot_major
 
 
 def act(
