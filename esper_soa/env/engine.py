@@ -130,6 +130,30 @@ class Engine:
         self.masks = _masks_of(out)
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs to continue this engine bit-exactly: the lifecycle state,
+        the backend state (RNG counters, host parameters), episode counters, current masks."""
+        return {
+            "state": self._state,
+            "aux": self.aux,
+            "episode": self.episode,
+            "masks": self.masks,
+            "base_seed": self.base_seed,
+            "started": self._started,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (tensors are taken as they are, on this engine's device)."""
+        missing = {"state", "aux", "episode", "masks", "base_seed", "started"} - set(state)
+        if missing:
+            raise ValueError(f"Engine.load_state_dict: expected the keys of Engine.state_dict(), missing {sorted(missing)}")
+        n = state["episode"].shape
+        if n != self.episode.shape:
+            raise ValueError(f"Engine.load_state_dict: expected state for {self.cfg.n_envs} envs, got {tuple(n)}")
+        self._state, self.aux = state["state"], state["aux"]
+        self.episode, self.masks = state["episode"], state["masks"]
+        self.base_seed, self._started = state["base_seed"], state["started"]
+
     # --- pure step functions (compiled when cfg.compile) -----------------------------------
     def _host_epoch(self, state: State, aux: dict) -> tuple[State, dict, torch.Tensor]:
         """SPEC §4 step 5: one host epoch, recorded; returns the divergence flags too."""

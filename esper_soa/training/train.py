@@ -399,7 +399,6 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        engine = self.engine
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -412,14 +411,7 @@ class Trainer:
             "optim": self.optim.state_dict(),
             "reward_norm": self.reward_norm.state_dict(),
             "rng": rng,
-            "engine": {
-                "state": engine._state,
-                "aux": engine.aux,
-                "episode": engine.episode,
-                "masks": engine.masks,
-                "base_seed": engine.base_seed,
-                "started": engine._started,
-            },
+            "engine": self.engine.state_dict(),
             "carry": None if self._carry is None else self._carry.to_dict(),
         }
 
@@ -438,10 +430,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.reward_norm.load_state_dict(state["reward_norm"])
-        eng = state["engine"]
-        self.engine._state, self.engine.aux = eng["state"], eng["aux"]
-        self.engine.episode, self.engine.masks = eng["episode"], eng["masks"]
-        self.engine.base_seed, self.engine._started = eng["base_seed"], eng["started"]
+        self.engine.load_state_dict(state["engine"])
         carry = state["carry"]
         self._carry = None if carry is None else TensorDict(carry, batch_size=self.batch_size)
         torch.set_rng_state(state["rng"]["torch"])
