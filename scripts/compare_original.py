@@ -21,8 +21,8 @@ hosts and torchvision):
         stats for the measured slots, without for the other active ones);
       observation by the original's ``batch_obs_to_features``, masks by its ``compute_action_masks``.
 
-Our side is the batched engine (``transition.act`` + ``lifecycle.record_epoch`` +
-``transition.emit``), all episodes of a mode as one batch. Both sides get identical metric inputs
+Our side is the batched engine (``core.step.before_host`` + ``after_host``: op, tick, record epoch,
+observation and masks), all episodes of a mode as one batch. Both sides get identical metric inputs
 and the same actions, drawn from *our* masks (the original's masks are compared, not used).
 
 SPEC §15's deliberate differences are kept out of the mismatch count and counted separately:
@@ -51,7 +51,6 @@ import numpy as np
 import torch
 
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.lifecycle import record_epoch
 from esper_soa.core.spec import (
     HEAD_NAMES,
     METRIC_FIELDS,
@@ -63,7 +62,7 @@ from esper_soa.core.spec import (
     Stage,
 )
 from esper_soa.core.state import as_dict, make_state
-from esper_soa.core.step import act, emit
+from esper_soa.core.step import after_host, before_host, emit, first_epoch
 
 ENV_VAR = "ESPER_LITE_SRC"
 
@@ -407,19 +406,18 @@ def _env_standin(o: SimpleNamespace) -> type:
 # Our side: the batched engine
 # ================================================================================================
 class Ours:
-    """All envs of a mode in one batch: ``act`` + ``record_epoch`` + ``emit``."""
+    """All envs of a mode in one batch: the engine's ``before_host`` + ``after_host``."""
 
     def __init__(self, cfg: EngineConfig, first_metrics: dict[str, np.ndarray]):
         self.cfg = cfg
         self.tables = SpecTables(cfg.topology, cfg.n_slots)
-        self.state = record_epoch(as_dict(make_state(cfg)), _tensors(first_metrics))
+        self.state = first_epoch(as_dict(make_state(cfg)), _tensors(first_metrics))
         self.out = emit(self.state, self.tables, cfg)
         self.success = np.ones(cfg.n_envs)
 
     def step(self, actions: dict[str, np.ndarray], metrics: dict[str, np.ndarray]) -> None:
-        new, _op, success = act(self.state, _tensors(actions), self.tables, self.cfg)
-        self.state = record_epoch(new, _tensors(metrics))
-        self.out = emit(self.state, self.tables, self.cfg)
+        new, _op, success, reward = before_host(self.state, _tensors(actions), self.tables, self.cfg)
+        self.state, self.out = after_host(new, _tensors(metrics), reward, self.tables, self.cfg)
         self.success = success.numpy()
 
     def masks(self) -> dict[str, np.ndarray]:

@@ -16,8 +16,11 @@ from esper_soa.core.spec import (
 )
 
 
-def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:
-    """Metrics shaped like a backend's, with values that exercise every gate both ways."""
+def random_metrics(
+    rng: np.random.Generator, n_envs: int, n_slots: int, p_diverged: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Metrics shaped like a backend's, with values that exercise every gate both ways; a host
+    diverges with probability ``p_diverged`` per env."""
     acc = rng.uniform(40, 90, n_envs)
     m = {
         "val_loss": rng.uniform(0.1, 3.0, n_envs),
@@ -25,7 +28,7 @@ def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[
         "acc_all_seeds_off": acc - rng.normal(0.3, 2.0, n_envs),
         "acc_committed": acc - rng.normal(0.2, 1.0, n_envs),
         "host_params": rng.choice([150.0, 5000.0, 250000.0], n_envs),
-        "diverged": np.zeros(n_envs, dtype=bool),
+        "diverged": rng.random(n_envs) < p_diverged,
         "acc_without_slot": acc[:, None] - rng.normal(0.5, 2.0, (n_envs, n_slots)),
         "interaction_sum": rng.normal(0.0, 1.0, (n_envs, n_slots)),
         "gradient_norm": rng.lognormal(0.0, 1.0, (n_envs, n_slots)),

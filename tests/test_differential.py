@@ -1,8 +1,10 @@
 """Differential property test: the batched engine against the per-env reference oracle.
 
 For random configs and 200+ random steps over several envs (valid, masked and out-of-range
-actions, random metrics, partial resets), every state field, mask, observation element, reward
-and executed op must agree after every step.
+actions, random metrics, diverging hosts, resets of done envs and random partial resets), every
+state field, mask, observation element, reward, done flag and executed op must agree after every
+step. The batched side runs the engine's own step functions (``core.step``), so the step order,
+collapse, settlement, divergence penalty and done flags are all compared with the oracle.
 """
 
 from __future__ import annotations
@@ -13,19 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.features import observe
-from esper_soa.core.lifecycle import record_epoch
 from esper_soa.core.masks import compute_masks
-from esper_soa.core.reward import compute_reward, settlement
 from esper_soa.core.spec import SpecTables
-from esper_soa.core.state import (
-    ENV_FIELDS,
-    SLOT_FIELDS,
-    as_dict,
-    make_state,
-    reset_rows,
-)
-from esper_soa.core.step import act, emit
+from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
+from esper_soa.core.step import after_host, after_reset, before_host, first_epoch
 from esper_soa.reference.oracle import ReferenceEngine
 from tests.helpers import random_action, random_metrics, to_numpy
 
@@ -67,10 +60,19 @@ def test_engine_matches_reference(config: dict, seed: int, n_envs: int) -> None:
     rng = np.random.default_rng(seed)
     fresh = as_dict(make_state(cfg))
     metrics = random_metrics(rng, n_envs, cfg.n_slots)
-    state = record_epoch(fresh, metrics)
+    state = first_epoch(fresh, metrics)
     ref = ReferenceEngine(cfg)
     ref.reset_envs([True] * n_envs, to_numpy(metrics))
     assert_state_equal(state, ref.export_state(), 0)
+
+    def reset(rows: np.ndarray, step: int) -> dict:
+        """Both sides start new episodes in ``rows`` (the engine's reset functions)."""
+        metrics = random_metrics(rng, n_envs, cfg.n_slots, p_diverged=0.05)
+        new, out = after_reset(state, first_epoch(fresh, metrics), torch.as_tensor(rows), tables, cfg)
+        ref.reset_envs(list(rows), to_numpy(metrics))
+        assert_state_equal(new, ref.export_state(), step)
+        _close(out["observation"], ref.observation(), f"observation after reset at step {step}")
+        return new
 
     for step in range(1, 221):
         masks = compute_masks(state, tables, cfg)
@@ -79,26 +81,21 @@ def test_engine_matches_reference(config: dict, seed: int, n_envs: int) -> None:
             _close(mask, ref_masks[name], f"mask {name} at step {step}")
         action = random_action(rng, masks, cfg.n_slots)
         np_action = to_numpy(action)
-        new, op, success = act(state, action, tables, cfg)
-        reward = compute_reward(state, action, op, cfg)
+        new, op, success, reward = before_host(state, action, tables, cfg)
         _close(reward, ref.reward(np_action), f"pre-action reward at step {step}")
-        metrics = random_metrics(rng, n_envs, cfg.n_slots)
-        state = record_epoch(new, metrics)
-        reward = reward + settlement(state, state["epoch"] >= cfg.max_epochs, cfg)  # as Engine.step does
-        state["episode_return"] = state["episode_return"] + reward
+        metrics = random_metrics(rng, n_envs, cfg.n_slots, p_diverged=0.02)
+        state, out = after_host(new, metrics, reward, tables, cfg)
         ref_out = ref.transition(np_action, to_numpy(metrics))
-        _close(reward, ref_out["reward"], f"reward at step {step}")
+        _close(out["reward"][:, 0], ref_out["reward"], f"reward at step {step}")
+        for flag in ("terminated", "truncated", "done"):
+            _close(out[flag][:, 0], ref_out[flag], f"{flag} at step {step}")
         _close(op, ref_out["executed_op"], f"executed op at step {step}")
         _close(success, ref_out["success"], f"success at step {step}")
         assert_state_equal(state, ref.export_state(), step)
-        out = emit(state, tables, cfg)
         _close(out["observation"], ref.observation(), f"observation at step {step}")
         _close(out["blueprint_index"], ref.blueprint_index(), f"blueprint index at step {step}")
-        if step % 50 == 0:  # partial reset of a random subset
-            rows = rng.random(n_envs) < 0.5
-            metrics = random_metrics(rng, n_envs, cfg.n_slots)
-            state = reset_rows(state, record_epoch(fresh, metrics), torch.as_tensor(rows))
-            ref.reset_envs(list(rows), to_numpy(metrics))
-            assert_state_equal(state, ref.export_state(), step)
-            obs, _ = observe(state, tables, cfg)
-            _close(obs, ref.observation(), f"observation after reset at step {step}")
+        done = out["done"][:, 0].numpy()
+        if step % 50 == 0:  # and a random subset, done or not
+            done = done | (rng.random(n_envs) < 0.5)
+        if done.any():
+            state = reset(done, step)

@@ -106,8 +106,8 @@ def test_full_step_compiles_fullgraph_and_matches_eager() -> None:
     cfg = EngineConfig(n_envs=4, max_epochs=12, seed=3)
     eager = Engine(cfg)
     compiled = Engine(cfg)
-    compiled._step_fn = torch.compile(compiled._step_impl, fullgraph=True, backend=COMPILE_BACKEND)
-    compiled._reset_fn = torch.compile(compiled._reset_impl, fullgraph=True, backend=COMPILE_BACKEND)
+    compiled._step_fn = torch.compile(compiled._step_fn, fullgraph=True, backend=COMPILE_BACKEND)
+    compiled._reset_fn = torch.compile(compiled._reset_fn, fullgraph=True, backend=COMPILE_BACKEND)
     for x, y in zip(_run(eager, 15), _run(compiled, 15)):
         for k in x.keys():
             torch.testing.assert_close(x[k], y[k], msg=k)

@@ -13,7 +13,8 @@ from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import HEAD_NAMES, Blueprint, Op, Stage
 from esper_soa.dynamics.faults import CLOCK, FaultInjectingDynamics
 from esper_soa.dynamics.surrogate import SurrogateDynamics
-from esper_soa.env.engine import DIVERGENCE_PENALTY, Engine
+from esper_soa.core.reward import DIVERGENCE_PENALTY
+from esper_soa.env.engine import Engine
 from esper_soa.training.train import TrainConfig, Trainer
 
 E = 3

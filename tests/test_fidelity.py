@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.lifecycle import record_epoch
-from esper_soa.core.reward import compute_reward, settlement
 from esper_soa.core.spec import (
     OBS_BASE,
     OBS_SLOT,
@@ -28,7 +26,7 @@ from esper_soa.core.spec import (
     Stage,
 )
 from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
-from esper_soa.core.step import act, emit
+from esper_soa.core.step import after_host, before_host, emit, first_epoch
 from esper_soa.reference.oracle import ReferenceEngine
 from tests.helpers import (
     SPEED_FAST,
@@ -54,7 +52,7 @@ class Twin:
         self.ref = ReferenceEngine(self.cfg)
         self.metrics = dict(val_acc=40.0)  # the metric inputs every later step repeats
         m = make_metrics(1, n_slots, **self.metrics)
-        self.state = record_epoch(as_dict(make_state(self.cfg)), _tensors(m))
+        self.state = first_epoch(as_dict(make_state(self.cfg)), _tensors(m))
         self.ref.reset_envs([True], m)
         self.out = emit(self.state, self.tables, self.cfg)
 
@@ -66,13 +64,10 @@ class Twin:
         self.metrics.update({k: v for k, v in heads_and_metrics.items() if k not in heads})
         action = make_actions(1, op=op, **heads)
         m = make_metrics(1, self.cfg.n_slots, **self.metrics)
-        new, op, success = act(self.state, _tensors(action), self.tables, self.cfg)
-        reward = compute_reward(self.state, _tensors(action), op, self.cfg)
-        self.state = record_epoch(new, _tensors(m))
-        done = self.state["epoch"] >= self.cfg.max_epochs
-        self.state["episode_return"] = self.state["episode_return"] + reward + settlement(self.state, done, self.cfg)
+        new, op, success, reward = before_host(self.state, _tensors(action), self.tables, self.cfg)
+        self.state, self.out = after_host(new, _tensors(m), reward, self.tables, self.cfg)
         ref_out = self.ref.transition(action, m)
-        self.out = emit(self.state, self.tables, self.cfg)
+        np.testing.assert_allclose(self.out["reward"][:, 0].numpy(), ref_out["reward"], rtol=1e-5, atol=1e-5)
         self._assert_twins(ref_out["success"][0], float(success[0]))
         return float(success[0])
 

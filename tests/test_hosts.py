@@ -37,6 +37,7 @@ from esper_soa.dynamics.hosts import (
     slot_setups,
     train_single_host,
 )
+from esper_soa.core import step as core_step
 from esper_soa.env.engine import Engine
 from tests.helpers import random_action
 
@@ -354,7 +355,10 @@ def test_partial_reset_runs_only_the_reset_rows() -> None:
     assert (st["epoch"][rows] == 0).all() and not out["done"].any()
     assert eng._state["slots"]["alpha"].stride() == eng._fresh["slots"]["alpha"].stride()  # slot-major kept
     # the reset rows equal the all-rows (where-based) reset with the same keys
-    _, full_aux, full_out = eng._reset_impl(as_dict(state_before), before, torch.ones_like(rows), keys)
+    _, full_aux, full_out = core_step.reset(
+        as_dict(state_before), before, torch.ones_like(rows), keys,
+        fresh=eng._fresh, reset_aux=eng.dynamics.reset_aux, advance=advance, tables=eng.tables, cfg=eng.cfg,
+    )
     for k, v in full_aux.items():
         torch.testing.assert_close(eng.aux[k][rows], v[rows], msg=k)
     torch.testing.assert_close(out["observation"][rows], full_out["observation"][rows])

@@ -50,8 +50,9 @@ def test_transition_compiles_fullgraph_and_matches_eager() -> None:
     state_e, outs_e = _drive(cfg, 40)
     state_c, outs_c = _drive(cfg, 40, fn=compiled)
     for a, b in zip(outs_e, outs_c):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], msg=k)
+        for k in a:  # the return accumulates 40 rewards of ~|40|: float32 fusion order differs
+            tol = dict(rtol=1e-5, atol=1e-4) if k == "episode_return" else {}
+            torch.testing.assert_close(a[k], b[k], msg=k, **tol)
         # the documented feature-major layout (features.observe), eager and compiled alike
         assert a["observation"].stride() == b["observation"].stride() == (1, cfg.n_envs)
     for k, v in state_e["slots"].items():

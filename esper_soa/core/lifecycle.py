@@ -379,3 +379,13 @@ def record_epoch(state: State, metrics: dict[str, torch.Tensor]) -> State:
     st["slots"] = slot_major(sl)
     return st
 
+
+def collapse(state: State, diverged: torch.Tensor) -> State:
+    """Catastrophic divergence (SPEC §13): every non-fossilized seed of a diverged env is pruned
+    (alpha held at 0, no pending prune); FOSSILIZED seeds are part of the host and stay."""
+    st, sl = copy_state(state)
+    sel = diverged[:, None] & stage_in(sl["stage"], PRUNABLE_STAGES)
+    move(sl, sel, Stage.PRUNED, st["val_acc"])
+    hold_at(sl, sel, 0.0)
+    update(sl, sel, pending_prune=False)
+    return st

@@ -34,6 +34,7 @@ RENT_HOST_SHARE = 0.0039
 SHOCK_COEF = 0.1958
 COMMIT_WEIGHT = 20.0  # W: COMMITTED pays 20 per pp of committed gain J
 FOSSIL_PARAM_PRICE = 50_000.0  # J charges 1 pp per 50,000 fossilized parameters
+DIVERGENCE_PENALTY = -10.0  # SPEC §13: the step on which a host diverges (terminated)
 # seeds that occupy a slot for the capacity term: every seed the original still holds a state for
 # except FOSSILIZED (counted apart) and PRUNED ("Tamiyo already decided their fate")
 OCCUPYING_STAGES = PRUNABLE_STAGES + (Stage.EMBARGOED, Stage.RESETTING)

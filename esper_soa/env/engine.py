@@ -1,37 +1,37 @@
-"""The full batched engine: SPEC §4 step order around the lifecycle, dynamics and reward.
+"""The batched engine: compiles the core's step functions and drives them on ``cfg.device``.
 
 ``Engine.step(action)`` validates the action (optional, the only place that syncs with the
-host), then runs one pure step function, compiled with ``fullgraph=True`` when
-``cfg.compile``: reward from the pre-action state, op, tick, one host epoch, record, divergence
-handling, done flags, next observation and masks. ``Engine.reset(rows)`` re-draws only the
-selected envs with ``torch.where`` so other rows stay bit-identical.
+host), then runs ``core.step.step`` (before_host -> one host epoch -> after_host), compiled
+with ``fullgraph=True`` when ``cfg.compile``. ``Engine.reset(rows)`` runs ``core.step.reset``
+for the selected envs, so other rows stay bit-identical. The step logic itself lives in
+``esper_soa/core/step.py``; this class owns the tensors, the compiled graphs and the backend.
+
+Example::
+
+    from esper_soa import Engine, EngineConfig
+    from esper_soa.core.masks import sample_masked_action
+
+    engine = Engine(EngineConfig(n_envs=1024, device="cpu"))
+    out = engine.reset()                               # TensorDict [1024]
+    out = engine.step(sample_masked_action(engine.masks))
+    out["observation"], out["reward"], out["done"]
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from tensordict import TensorDict
 
-from esper_soa.core.alpha import hold_at
+from esper_soa.core import step as core_step
 from esper_soa.core.config import MAX_SEED, EngineConfig
-from esper_soa.core.lifecycle import copy_state, move, record_epoch
 from esper_soa.core.masks import compute_masks
-from esper_soa.core.reward import compute_reward, settlement
 from esper_soa.core.rng import episode_seed
-from esper_soa.core.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage, stage_in
-from esper_soa.core.state import (
-    State,
-    as_dict,
-    from_dict,
-    make_state,
-    reset_rows,
-    update,
-)
-from esper_soa.core.step import act, emit
+from esper_soa.core.spec import HEAD_NAMES, SpecTables
+from esper_soa.core.state import State, as_dict, from_dict, make_state
 from esper_soa.core.validation import expect_int, validate_action
 from esper_soa.dynamics.base import DynamicsBackend
-
-DIVERGENCE_PENALTY = -10.0
 
 
 def make_dynamics(cfg: EngineConfig, tables: SpecTables) -> DynamicsBackend:
@@ -45,16 +45,6 @@ def make_dynamics(cfg: EngineConfig, tables: SpecTables) -> DynamicsBackend:
 
         return BatchedHostsDynamics(cfg, cfg.dynamics_config)
     raise ValueError(f"EngineConfig.dynamics: expected 'surrogate' or 'hosts', got {cfg.dynamics!r}")
-
-
-def collapse(state: State, diverged: torch.Tensor) -> State:
-    """Catastrophic divergence (SPEC §13): prune every non-fossilized seed of the diverged envs."""
-    st, sl = copy_state(state)
-    sel = diverged[:, None] & stage_in(sl["stage"], PRUNABLE_STAGES)
-    move(sl, sel, Stage.PRUNED, st["val_acc"])
-    hold_at(sl, sel, 0.0)
-    update(sl, sel, pending_prune=False)
-    return st
 
 
 class Engine:
@@ -77,18 +67,23 @@ class Engine:
         self._fresh = as_dict(make_state(cfg, self.device))
         self._state: State = self._fresh
         self.aux = self.dynamics.init_aux(cfg.n_envs, cfg.seed)
-        self._step_fn = self._step_impl
-        self._reset_fn = self._reset_impl
-        self._act_fn, self._finish_fn = self._act_and_reward, self._finish
-        opts = cfg.compile_options
-        if cfg.compile and getattr(self.dynamics, "compilable", True):
-            self._step_fn = torch.compile(self._step_impl, fullgraph=True, options=opts)
-            self._reset_fn = torch.compile(self._reset_impl, fullgraph=True, options=opts)
-        elif cfg.compile:  # eager host epoch between two compiled lifecycle graphs
-            self._act_fn = torch.compile(self._act_and_reward, fullgraph=True, options=opts)
-            self._finish_fn = torch.compile(self._finish, fullgraph=True, options=opts)
-        if not getattr(self.dynamics, "compilable", True):
-            self._reset_fn = self._reset_subset  # an eager host epoch: run it for the reset rows only
+        dyn, tables, opts = self.dynamics, self.tables, cfg.compile_options
+        self._step_fn = partial(core_step.step, advance=dyn.advance, tables=tables, cfg=cfg)
+        if getattr(dyn, "compilable", True):
+            self._reset_fn = partial(
+                core_step.reset, fresh=self._fresh, reset_aux=dyn.reset_aux, advance=dyn.advance, tables=tables, cfg=cfg
+            )
+            if cfg.compile:  # the whole step (and the whole reset) as one graph each
+                self._step_fn = torch.compile(self._step_fn, fullgraph=True, options=opts)
+                self._reset_fn = torch.compile(self._reset_fn, fullgraph=True, options=opts)
+        else:  # an eager host epoch (real hosts): the lifecycle parts compiled around it
+            self._reset_fn = self._reset_subset
+            if cfg.compile:
+                self._step_fn = partial(
+                    self._step_fn,
+                    before=torch.compile(core_step.before_host, fullgraph=True, options=opts),
+                    after=torch.compile(core_step.after_host, fullgraph=True, options=opts),
+                )
         self.masks = compute_masks(self._state, self.tables, cfg)
         self._started = False
 
@@ -154,64 +149,7 @@ class Engine:
         self.episode, self.masks = state["episode"], state["masks"]
         self.base_seed, self._started = state["base_seed"], state["started"]
 
-    # --- pure step functions (compiled when cfg.compile) -----------------------------------
-    def _host_epoch(self, state: State, aux: dict) -> tuple[State, dict, torch.Tensor]:
-        """SPEC §4 step 5: one host epoch, recorded; returns the divergence flags too."""
-        metrics, aux = self.dynamics.advance(state, aux)
-        diverged = metrics["diverged"]
-        return collapse(record_epoch(state, metrics), diverged), aux, diverged
-
-    def _act_and_reward(
-        self, state: State, action: dict[str, torch.Tensor]
-    ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SPEC §4 steps 2-4: reward from the pre-action state, op, tick."""
-        new, op, success = act(state, action, self.tables, self.cfg)
-        return new, op, success, compute_reward(state, action, op, self.cfg)
-
-    def _finish(
-        self, state: State, metrics: dict[str, torch.Tensor], reward: torch.Tensor
-    ) -> tuple[State, dict[str, torch.Tensor], torch.Tensor]:
-        """SPEC §4 steps 5-6 after the host epoch: record, divergence, done flags, emit."""
-        cfg = self.cfg
-        terminated = metrics["diverged"]
-        state = collapse(record_epoch(state, metrics), terminated)
-        truncated = state["epoch"] >= cfg.max_epochs
-        reward = reward + settlement(state, terminated | truncated, cfg)
-        reward = reward + DIVERGENCE_PENALTY * terminated.to(reward.dtype)
-        state["episode_return"] = state["episode_return"] + reward
-        out = emit(state, self.tables, cfg)
-        out.update(
-            reward=reward[:, None],
-            terminated=terminated[:, None],
-            truncated=truncated[:, None],
-            done=(terminated | truncated)[:, None],
-            episode_return=state["episode_return"],
-        )
-        return state, out, terminated
-
-    def _step_impl(
-        self, state: State, aux: dict, action: dict[str, torch.Tensor]
-    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
-        """The whole step as one function (compiled as one graph for compilable backends)."""
-        new, op, success, reward = self._act_fn(state, action)
-        metrics, aux = self.dynamics.advance(new, aux)
-        aux = {k: v.contiguous() for k, v in aux.items()}  # one layout for step and reset graphs
-        new, out, _ = self._finish_fn(new, metrics, reward)
-        out.update(executed_op=op, success=success)
-        return new, aux, out
-
-    def _reset_impl(
-        self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
-    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
-        """Reset as one pure function over all E rows (compilable backends: a host epoch is cheap)."""
-        fresh_aux = self.dynamics.reset_aux(aux, rows, keys)
-        fresh, fresh_aux, _ = self._host_epoch(self._fresh, fresh_aux)
-        aux = {
-            k: torch.where(rows.reshape((-1,) + (1,) * (v.dim() - 1)), fresh_aux[k], v).contiguous()
-            for k, v in aux.items()
-        }
-        return self._reset_emit(state, fresh, aux, rows)
-
+    # --- driving ---------------------------------------------------------------------------
     def _reset_subset(
         self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
     ) -> tuple[State, dict, dict[str, torch.Tensor]]:
@@ -223,28 +161,15 @@ class Engine:
         ``advance``/``reset_aux`` to accept any number of rows (see ``DynamicsBackend``).
         """
         idx = rows.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return self._reset_emit(state, self._fresh, aux, rows)
-        sub = {k: v.index_select(0, idx) for k, v in aux.items()}
-        sub = self.dynamics.reset_aux(sub, torch.ones_like(idx, dtype=torch.bool), keys.index_select(0, idx))
-        fresh_sub, sub, _ = self._host_epoch(_take_rows(self._fresh, idx), sub)
-        aux = {k: v.index_copy(0, idx, sub[k]) for k, v in aux.items()}
-        return self._reset_emit(state, _put_rows(self._fresh, idx, fresh_sub), aux, rows)
-
-    def _reset_emit(
-        self, state: State, fresh: State, aux: dict, rows: torch.Tensor
-    ) -> tuple[State, dict, dict[str, torch.Tensor]]:
-        """Take ``fresh`` for the reset rows and observe every env (done flags false, reward 0)."""
-        state = reset_rows(state, fresh, rows)
-        out = emit(state, self.tables, self.cfg)
-        false = torch.zeros_like(rows)[:, None]
-        out.update(
-            reward=torch.zeros_like(state["val_acc"])[:, None],
-            terminated=false,
-            truncated=false,
-            done=false,
-            episode_return=state["episode_return"],
-        )
+        fresh = self._fresh
+        if idx.numel() > 0:
+            sub = {k: v.index_select(0, idx) for k, v in aux.items()}
+            sub = self.dynamics.reset_aux(sub, torch.ones_like(idx, dtype=torch.bool), keys.index_select(0, idx))
+            sub_fresh = _take_rows(fresh, idx)
+            metrics, sub = self.dynamics.advance(sub_fresh, sub)
+            fresh = _put_rows(fresh, idx, core_step.first_epoch(sub_fresh, metrics))
+            aux = {k: v.index_copy(0, idx, sub[k]) for k, v in aux.items()}
+        state, out = core_step.after_reset(state, fresh, rows, self.tables, self.cfg)
         return state, aux, out
 
 

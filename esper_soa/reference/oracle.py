@@ -107,6 +107,7 @@ SHOCK_COEF = 0.1958
 FOSSIL_BONUS = 0.9645
 SPARSE_PARAM_SCALE = 5e5
 COMMIT_WEIGHT = 20.0  # W of COMMITTED (SPEC §12b)
+DIVERGENCE_PENALTY = -10.0  # SPEC §13: reward on the step a host diverges
 FOSSIL_PARAM_PRICE = 50_000.0  # J: 1 pp per 50,000 fossil parameters
 OCCUPYING_STAGES = PRUNABLE_STAGES + (Stage.EMBARGOED, Stage.RESETTING)  # capacity term (h)
 
@@ -303,6 +304,7 @@ class ReferenceEngine:
         # float64 holds every float32 exactly, so the oracle sees the values the engine sees
         cols = {name: np.asarray(metrics[name], dtype=np.float64).tolist() for name in _METRIC_ENV + _METRIC_SLOT_FLOATS}
         cols.update({name: np.asarray(metrics[name], dtype=bool).tolist() for name in _METRIC_SLOT_BOOLS})
+        cols["diverged"] = np.asarray(metrics["diverged"], dtype=bool).tolist()
         return [{name: col[i] for name, col in cols.items()} for i in range(self.n_envs)]
 
     def _action_rows(self, actions: Mapping[str, np.ndarray]) -> list[dict[str, int]]:
@@ -549,13 +551,16 @@ class ReferenceEngine:
 
     # --- transition (SEMANTICS "One transition") ------------------------------------------------
     def transition(self, actions: Mapping[str, np.ndarray], metrics: Mapping[str, np.ndarray]) -> dict:
-        """Steps 1-5 for every env; returns executed op, success and the step's reward per env.
+        """Steps 1-6 for every env; returns executed op, success, the step's reward and the done
+        flags per env (a diverged host terminates, the last epoch truncates).
 
         The reward (of the pre-action state) is also added to ``episode_return``.
         """
         executed = np.zeros(self.n_envs, dtype=np.int64)
         success = np.zeros(self.n_envs, dtype=np.float64)
         rewards = np.zeros(self.n_envs, dtype=np.float64)
+        terminated = np.zeros(self.n_envs, dtype=bool)
+        truncated = np.zeros(self.n_envs, dtype=bool)
         action_rows = self._action_rows(actions)
         metric_rows = self._metric_rows(metrics)
         for i, env in enumerate(self.envs):
@@ -573,12 +578,26 @@ class ReferenceEngine:
             self.tick_env(env)  # 3.
             env.epoch += 1  # 4.
             env.record_epoch(metric_rows[i])  # 5.
-            settled = self.settlement(env, env.epoch >= self.cfg.max_epochs)
+            terminated[i] = bool(metric_rows[i]["diverged"])
+            if terminated[i]:  # SPEC §13: the host diverged, its live seeds collapse
+                self.collapse(env)
+            truncated[i] = env.epoch >= self.cfg.max_epochs
+            settled = self.settlement(env, bool(terminated[i] or truncated[i]))
+            settled += DIVERGENCE_PENALTY if terminated[i] else 0.0
             rewards[i] += settled
             env.episode_return += settled
             executed[i] = op
             success[i] = env.last_action_success
-        return {"executed_op": executed, "success": success, "reward": rewards}
+        return {"executed_op": executed, "success": success, "reward": rewards,
+                "terminated": terminated, "truncated": truncated, "done": terminated | truncated}
+
+    def collapse(self, env: RefEnv) -> None:
+        """Catastrophic divergence: every seed not yet FOSSILIZED is pruned at once."""
+        for slot in env.slots:
+            if slot.stage in PRUNABLE_STAGES:
+                slot.transition_to(Stage.PRUNED, env.val_acc)
+                slot.hold_alpha_at(0.0)
+                slot.pending_prune = False
 
     # --- reward (SPEC §12, SEMANTICS "Reward") --------------------------------------------------
     def reward(self, actions: Mapping[str, np.ndarray]) -> np.ndarray:
