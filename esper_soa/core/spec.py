@@ -290,6 +290,8 @@ MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", 
 # The action heads' TensorDict keys, in ``HEAD_NAMES`` order.
 ACTION_KEYS = tuple(("action", h) for h in HEAD_NAMES)
 DONE_KEYS = ("done", "terminated", "truncated")
+# What a step reports about the state it reached, for evaluation and logs (SPEC §12b), [E] floats.
+OUTCOME_KEYS = ("committed_gain", "acc_committed", "val_acc", "fossils")
 
 
 def stage_in(stage: torch.Tensor, stages: tuple[Stage, ...]) -> torch.Tensor:

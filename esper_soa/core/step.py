@@ -21,7 +21,7 @@ from esper_soa.core.features import observe
 from esper_soa.core.lifecycle import apply_op, collapse, record_epoch, tick
 from esper_soa.core.masks import mask_flags
 from esper_soa.core.reward import DIVERGENCE_PENALTY, committed_gain, compute_reward, settlement
-from esper_soa.core.spec import SpecTables
+from esper_soa.core.spec import SpecTables, Stage
 from esper_soa.core.state import State, reset_rows, slot_major
 
 Metrics = dict[str, torch.Tensor]
@@ -155,8 +155,8 @@ def reset(
 def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
     """Observation, blueprint indices and masks for the next decision; the masks as uint8 0/1
     flags (``masks.mask_flags``), which the engine turns into bool views after the graph. Also the
-    real objective of the state reached (``committed_gain`` J in pp, ``acc_committed``), for
-    evaluation: policies do not read them."""
+    outcome of the state reached, for evaluation and logging (policies do not read them): the
+    real objective ``committed_gain`` (J in pp), ``acc_committed``, ``val_acc`` and ``fossils``."""
     obs, blueprint_index = observe(state, tables, cfg)
     masks = mask_flags(state, tables, cfg)
     return {
@@ -164,5 +164,7 @@ def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch
         "blueprint_index": blueprint_index,
         "committed_gain": committed_gain(state),
         "acc_committed": state["acc_committed"],
+        "val_acc": state["val_acc"],
+        "fossils": (state["slots"]["stage"] == int(Stage.FOSSILIZED)).sum(-1).to(torch.float32),
         **{f"mask_{k}": v for k, v in masks.items()},
     }

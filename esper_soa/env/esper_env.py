@@ -24,6 +24,7 @@ from esper_soa.core.spec import (
     EMPTY_BLUEPRINT_INDEX,
     HEAD_NAMES,
     MASK_KEYS,
+    OUTCOME_KEYS,
     Blueprint,
     Op,
     head_sizes,
@@ -201,10 +202,9 @@ class EsperEnv(EnvBase):
         self.observation_spec = Composite(
             observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
             blueprint_index=Bounded(EMPTY_BLUEPRINT_INDEX, len(Blueprint) - 1, shape=(e, s), dtype=torch.int64, device=dev),
-            # the real objective, for evaluation (policies do not read them): J in pp and the
-            # committed accuracy (non-fossil seeds off) of the state just reached
-            committed_gain=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
-            acc_committed=Unbounded(shape=(e,), dtype=torch.float32, device=dev),
+            # the outcome of the state just reached, for evaluation (policies do not read them):
+            # J in pp, the committed accuracy (non-fossil seeds off), val_acc, number of fossils
+            **{k: Unbounded(shape=(e,), dtype=torch.float32, device=dev) for k in OUTCOME_KEYS},
             executed_op=Categorical(len(Op), shape=(e,), dtype=torch.int64, device=dev),
             success=Categorical(2, shape=(e,), dtype=torch.bool, device=dev),
             masks=Composite(
@@ -244,8 +244,7 @@ class EsperEnv(EnvBase):
             {
                 "observation": out["observation"],
                 "blueprint_index": out["blueprint_index"],
-                "committed_gain": out["committed_gain"],
-                "acc_committed": out["acc_committed"],
+                **{k: out[k] for k in OUTCOME_KEYS},
                 "executed_op": executed,
                 "success": success,
                 "masks": TensorDict({k: out[f"mask_{k}"] for k in MASK_KEYS}, batch_size=self.batch_size),

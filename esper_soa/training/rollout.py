@@ -17,7 +17,7 @@ from torchrl.envs import Compose, RewardSum, Transform, TransformedEnv
 
 from esper_soa.agents.policy import ActorCritic
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.spec import Op, Stage
+from esper_soa.core.spec import Op
 from esper_soa.env.esper_env import EsperEnv
 
 EPISODE_METRICS = ("return", "final_accuracy", "j_final", "committed_accuracy", "fossils")
@@ -67,13 +67,6 @@ def stats_from_samples(
     )
 
 
-def final_stats(observation: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(val_acc in %, number of FOSSILIZED slots) read back from observations ``[N, 23+31S]``."""
-    accuracy = observation[:, 2] * 100.0
-    stage_block = observation[:, 23:].reshape(observation.shape[0], n_slots, 31)[:, :, 1:11]
-    return accuracy, stage_block[:, :, int(Stage.FOSSILIZED) - 1].sum(1)
-
-
 def run_collector(
     env: EsperEnv,
     policy: TensorDictModuleBase,
@@ -101,10 +94,9 @@ def run_collector(
         frames += batch.numel()
         done = batch["next", "done"].squeeze(-1)
         nxt = batch["next"]
-        accuracy, fossil_count = final_stats(nxt["observation"][done], env.cfg.n_slots)
         for name, value in zip(EPISODE_METRICS, (
-            nxt["episode_reward"].squeeze(-1)[done], accuracy, nxt["committed_gain"][done],
-            nxt["acc_committed"][done], fossil_count,
+            nxt["episode_reward"].squeeze(-1)[done], nxt["val_acc"][done], nxt["committed_gain"][done],
+            nxt["acc_committed"][done], nxt["fossils"][done],
         )):
             per_episode[name].append(value.cpu())
         op_counts += torch.bincount(batch["action", "op"].flatten().cpu(), minlength=len(Op))

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from esper_soa.agents.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
 from esper_soa.agents.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.spec import GAMMA, HEAD_NAMES, MASK_KEYS, Op
+from esper_soa.core.spec import GAMMA, HEAD_NAMES, MASK_KEYS, OUTCOME_KEYS, Op
 from esper_soa.core.validation import (
     expect_bool,
     expect_choice,
@@ -48,7 +48,6 @@ from esper_soa.core.validation import (
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.env.engine import Engine
 from esper_soa.env.esper_env import EsperEnv
-from esper_soa.training.rollout import final_stats
 
 COLLECTORS = ("engine", "torchrl")
 TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
@@ -209,15 +208,15 @@ def rollout_summary(batch: TensorDictBase, n_slots: int, max_epochs: int) -> dic
     Returns and final states are those of the episodes that ended inside the rollout; op
     fractions are over all its frames; prunes are per ``max_epochs`` frames (one episode)."""
     done = batch.get(("next", "done")).squeeze(-1)
-    accuracy, fossils = final_stats(batch.get(("next", "observation"))[done], n_slots)
+    nxt = batch.get("next")
     ops = torch.bincount(batch.get(("action", "op")).flatten(), minlength=len(Op)).to(torch.float32)
     frames = float(done.numel())
     stats = {
         "episodes": done.sum(),
         "mean_return": batch.get(("next", "episode_reward")).squeeze(-1)[done].mean(),  # NaN if none ended
-        "final_accuracy": accuracy.mean(),
-        "fossils_per_episode": fossils.mean(),
-        "j_final": batch.get(("next", "committed_gain"))[done].mean(),
+        "final_accuracy": nxt.get("val_acc")[done].mean(),
+        "fossils_per_episode": nxt.get("fossils")[done].mean(),
+        "j_final": nxt.get("committed_gain")[done].mean(),
         "prunes_per_episode": ops[int(Op.PRUNE)] * max_epochs / frames,
     }
     stats.update({f"op_frac_{op.name}": ops[int(op)] / frames for op in Op})
@@ -283,7 +282,7 @@ class Trainer:
                 ("terminated", out.get("terminated")),
                 ("truncated", out.get("truncated")),
                 ("episode_reward", out.get("episode_return")[:, None]),
-                ("committed_gain", out.get("committed_gain")),  # [E], as EsperEnv emits it
+                *((k, out.get(k)) for k in OUTCOME_KEYS),  # [E], as EsperEnv emits them
             ):
                 td.set(("next", key), value)  # beside the LSTM's ("next", state) entries
             steps.append(td)
