@@ -5,6 +5,7 @@ round trip, the surrogate-to-hosts path and the CLI's input errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from esper_soa.training.evaluation import (
     evaluate_controller,
     load_checkpoint_model,
 )
-from esper_soa.training.rollout import evaluate_baseline
+from esper_soa.training.rollout import collect_baseline
 from esper_soa.training.train import TrainConfig, train
 
 CFG = EngineConfig(n_envs=8, max_epochs=60, validate_actions=False)
@@ -49,7 +50,7 @@ def test_outcomes_are_read_at_the_end_of_each_episode() -> None:
     seeds = [7]
     heu = evaluate_controller("heuristic", baseline_factory("heuristic"), CFG, seeds)
     assert heu.episodes == 8 and set(heu.outcomes) == set(COLUMNS)
-    ref = evaluate_baseline("heuristic", CFG, seeds)
+    ref = collect_baseline("heuristic", replace(CFG, seed=seeds[0]), episodes=1)
     assert heu.mean("return") == pytest.approx(ref.mean_return, abs=1e-4)
     assert heu.mean("final_acc") == pytest.approx(ref.mean_final_accuracy, abs=1e-4)
     assert heu.mean("fossils") == pytest.approx(ref.fossils_per_episode)

@@ -12,7 +12,7 @@ import torch
 
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import Op
-from esper_soa.training.rollout import evaluate, evaluate_baseline
+from esper_soa.training.evaluation import baseline_factory, evaluate_controller, evaluate_model
 from esper_soa.training.train import (
     METRICS_DIR,
     TIMING_KEYS,
@@ -159,11 +159,11 @@ def test_target_kl_stops_the_epochs_early() -> None:
 def test_evaluate_runs_full_episodes_on_held_out_seeds() -> None:
     model = train(small(updates=1)).model
     cfg = EngineConfig(n_envs=8, max_epochs=6, validate_actions=False)
-    greedy = evaluate(model, cfg, seeds=[100, 101], greedy=True)
-    again = evaluate(model, cfg, seeds=[100, 101], greedy=True)
-    assert greedy.episodes == 16 and greedy.frames == 2 * 8 * 6
-    assert greedy.mean_return == again.mean_return  # greedy on fixed seeds is deterministic
-    heuristic = evaluate_baseline("heuristic", cfg, seeds=[100, 101])
+    greedy = evaluate_model(model, cfg, seeds=[100, 101], greedy=True)
+    again = evaluate_model(model, cfg, seeds=[100, 101], greedy=True)
+    assert greedy.episodes == 16
+    assert torch.equal(greedy.outcomes["return"], again.outcomes["return"])  # greedy on fixed seeds: deterministic
+    heuristic = evaluate_controller("heuristic", baseline_factory("heuristic"), cfg, seeds=[100, 101])
     assert heuristic.episodes == 16
     assert model.actor.deterministic is None  # restored
 
@@ -184,14 +184,13 @@ def test_ppo_beats_random_and_heuristic_on_held_out_seeds() -> None:
     held_out = EngineConfig(n_envs=128, max_epochs=30, validate_actions=False)
     seeds = [1000, 1001]
     torch.manual_seed(0)
-    ppo = evaluate(result.model, held_out, seeds, greedy=False)
-    rnd = evaluate_baseline("random", held_out, seeds)
-    heu = evaluate_baseline("heuristic", held_out, seeds)
-    print(f"held-out mean return: ppo {ppo.mean_return:.3f}  random {rnd.mean_return:.3f}  "
-          f"heuristic {heu.mean_return:.3f}")
+    ppo = evaluate_model(result.model, held_out, seeds, greedy=False)
+    rnd, heu = (evaluate_controller(b, baseline_factory(b), held_out, seeds) for b in ("random", "heuristic"))
+    print(f"held-out mean return: ppo {ppo.mean('return'):.3f}  random {rnd.mean('return'):.3f}  "
+          f"heuristic {heu.mean('return'):.3f}")
     assert ppo.episodes == rnd.episodes == heu.episodes == 256
-    assert ppo.mean_return > rnd.mean_return
-    assert ppo.mean_return > heu.mean_return
+    assert ppo.mean("return") > rnd.mean("return")
+    assert ppo.mean("return") > heu.mean("return")
 
 
 def test_cli_train_prints_the_comparison_table(tmp_path, capsys) -> None:

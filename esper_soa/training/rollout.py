@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
 from torchrl.envs import Compose, RewardSum, Transform, TransformedEnv
 
-from esper_soa.agents.policy import ActorCritic
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import Op
 from esper_soa.env.esper_env import EsperEnv
@@ -127,38 +126,3 @@ def collect_baseline(name: str, cfg: EngineConfig, episodes: int) -> RolloutStat
         policy = ScriptedPolicy(env, name)
     frames = cfg.n_envs * cfg.max_epochs
     return run_collector(env, policy, frames, frames * episodes)
-
-
-def merge_stats(stats: Sequence[RolloutStats]) -> RolloutStats:
-    """Pool rollouts (their episodes' samples, summed frames/time/op counts)."""
-    ops: dict[str, int] = {}
-    for s in stats:
-        for k, v in s.op_counts.items():
-            ops[k] = ops.get(k, 0) + v
-    samples = {k: torch.cat([s.samples[k] for s in stats]) for k in EPISODE_METRICS}
-    return stats_from_samples(samples, sum(s.frames for s in stats), sum(s.seconds for s in stats), ops)
-
-
-def evaluate(
-    model: ActorCritic, cfg: EngineConfig, seeds: Sequence[int], *, greedy: bool = True, episodes: int = 1
-) -> RolloutStats:
-    """Full episodes of ``model`` on each env seed in ``seeds`` (use seeds not trained on),
-    through the same ``run_collector`` the baselines use; greedy or sampled actions."""
-    frames = cfg.n_envs * cfg.max_epochs
-    previous = model.actor.deterministic
-    model.actor.deterministic = greedy
-    try:
-        transforms = model.env_transforms()
-        runs = [
-            run_collector(EsperEnv(replace(cfg, seed=s)), model.policy, frames, frames * episodes, transforms)
-            for s in seeds
-        ]
-    finally:
-        model.actor.deterministic = previous
-    return merge_stats(runs)
-
-
-def evaluate_baseline(name: str, cfg: EngineConfig, seeds: Sequence[int], *, episodes: int = 1) -> RolloutStats:
-    """A scripted controller (``random``, ``heuristic``, ``wait``, ...) on the same held-out seeds
-    as :func:`evaluate`."""
-    return merge_stats([collect_baseline(name, replace(cfg, seed=s), episodes) for s in seeds])
