@@ -54,7 +54,7 @@ def time_without_gc(run: Callable[[], object], setup: Callable[[], object], roun
 def reference_round(cfg, state: dict, action: dict, metrics: dict) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(run, setup)`` for one round of the per-env reference: ``setup`` loads ``state`` (a batched
     variant's state), ``run`` does transition + masks + observation with ``action`` and ``metrics``."""
-    from esper_soa.reference.oracle import ReferenceEngine
+    from esper_soa.reference import ReferenceEngine
     from tests.helpers import to_numpy
 
     ref = ReferenceEngine(cfg)

@@ -26,7 +26,7 @@ from esper_soa.core.state import (
     reset_rows,
 )
 from esper_soa.core.step import act, emit
-from esper_soa.reference.oracle import ReferenceEngine
+from esper_soa.reference import ReferenceEngine
 from tests.helpers import random_action, random_metrics, to_numpy
 
 configs = st.builds(
