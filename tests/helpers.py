@@ -14,26 +14,13 @@ from esper_soa.core.spec import (
     Style,
     head_sizes,
 )
+from esper_soa.dynamics.synthetic import synthetic_metrics
 
 
 def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:
     """Metrics shaped like a backend's, with values that exercise every gate both ways."""
     acc = rng.uniform(40, 90, n_envs)
-    m = {
-        "val_loss": rng.uniform(0.1, 3.0, n_envs),
-        "val_acc": acc,
-        "acc_all_seeds_off": acc - rng.normal(0.3, 2.0, n_envs),
-        "acc_committed": acc - rng.normal(0.2, 1.0, n_envs),
-        "host_params": rng.choice([150.0, 5000.0, 250000.0], n_envs),
-        "diverged": np.zeros(n_envs, dtype=bool),
-        "acc_without_slot": acc[:, None] - rng.normal(0.5, 2.0, (n_envs, n_slots)),
-        "interaction_sum": rng.normal(0.0, 1.0, (n_envs, n_slots)),
-        "gradient_norm": rng.lognormal(0.0, 1.0, (n_envs, n_slots)),
-        "gradient_health": rng.uniform(0.4, 1.0, (n_envs, n_slots)),
-        "gradient_ratio": rng.uniform(0.0, 0.4, (n_envs, n_slots)),
-        "has_vanishing": rng.random((n_envs, n_slots)) < 0.1,
-        "has_exploding": rng.random((n_envs, n_slots)) < 0.1,
-    }
+    m = synthetic_metrics(rng, acc, n_slots, host_params=(150.0, 5000.0, 250000.0), spread=2.0)
     return {k: torch.as_tensor(v, dtype=METRIC_FIELDS[k][0]) for k, v in m.items()}
 
 

@@ -20,7 +20,8 @@ with per-head multipliers, the forced-step value weight; it is what ``esper-soa 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -232,3 +233,28 @@ def make_ppo_loss(
     return loss
 
 
+
+
+def ppo_update(
+    loss: nn.Module, optim: torch.optim.Optimizer, buffer: Iterable[TensorDictBase], params: Sequence[torch.Tensor],
+    epochs: int, max_grad_norm: float = 5.0, kl_key: NestedKey | None = None, target_kl: float = math.inf,
+) -> TensorDictBase:
+    """``epochs`` passes of minibatch PPO over ``buffer``: sum of the loss's ``loss_objective``,
+    ``loss_critic`` and ``loss_entropy``, gradients of ``params`` clipped to ``max_grad_norm``.
+
+    With ``kl_key``, the update stops (before stepping) at the first minibatch whose
+    ``out[kl_key]`` exceeds ``target_kl``. Returns the last loss output (for logging).
+    """
+    out = None
+    for _ in range(epochs):
+        for minibatch in buffer:
+            out = loss(minibatch)
+            if kl_key is not None and out[kl_key].item() > target_kl:
+                return out
+            optim.zero_grad()
+            (out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]).backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optim.step()
+    if out is None:
+        raise ValueError(f"ppo_update: expected epochs >= 1 and a non-empty buffer, got epochs={epochs}")
+    return out
