@@ -21,45 +21,9 @@ Heads: GERMINATE uses ``germinate_style`` / ``germinate_tempo`` / ``germinate_al
 at INSTANT). Heads an op does not use still carry valid values: the defaults above, the rotation's
 next blueprint, and for WAIT the first enabled slot.
 
-Interpretations of §14a (where its text leaves room):
-
-- *Plateau*: per call, ``gain = val_acc - previous val_acc``; a gain ``<= plateau_epsilon``
-  (0.5 pp: just above the surrogate's per-epoch noise on a gain, ~0.42 pp, so a flat host
-  registers while a host still learning >= 1 pp/epoch does not) extends the plateau counter, a
-  larger gain resets it to 0. The first call after a reset has no previous accuracy: counter 0.
-- *Failing* (TRAINING/BLENDING): ``epochs_in_stage >= prune_after_epochs`` and (improvement since
-  stage start ``val_acc - accuracy_at_stage_start < 0`` or the accuracy dropped by
-  ``>= accuracy_drop`` pp since germination: ``val_acc - accuracy_at_germination <= -2``).
-  A failing BLENDING seed whose alpha ramp is in flight cannot be pruned (mask: alpha_mode HOLD),
-  so it WAITs; it does not fall through to ADVANCE (whose gate could not pass mid-ramp anyway).
-  A TRAINING seed whose G2 never passes (unhealthy gradients) while the host keeps improving is
-  never failing either, so it stays in TRAINING: §14a has no timeout and we add none.
-- *Total improvement* (HOLDING) is ``val_acc - accuracy_at_germination``.
-- *HOLDING, measured but neither rule fires* (contribution in ``(0.1, 0.5)`` with total
-  improvement ``>= 0``, or contribution ``<= 0.1``): §14a's "else WAIT until contribution is
-  measured" only covers the unmeasured case, so this one is open. We PRUNE, as the original
-  controller did: read literally as WAIT, a seed that hurts the host (contribution < 0) while
-  the host itself keeps learning (total improvement > 0) sits in HOLDING for the rest of the
-  episode and, one live seed at a time, blocks every further germination (a quarter of the envs
-  of a 150-epoch surrogate episode). ``prune_undecided_holding=False`` gives the literal reading.
-  With the default the 0.1 threshold only names the reason for a prune, not the decision.
-- *Blueprint penalty*: once per call all penalties are halved first, the skip test then reads
-  the halved values (skip while ``>= 3``), and a PRUNE emitted by this call adds 2 to the pruned
-  seed's blueprint. With the default numbers one prune never reaches the threshold (2 -> 1 ->
-  ...), so a blueprint is only skipped after repeated prunes in quick succession; the mechanism
-  is exact and tested with larger penalties. The rotation pointer advances past every skipped
-  entry, and when every rotation entry is penalised the least-penalised one (first in rotation
-  order) is used and the pointer does not move (the original's behaviour).
-- *Prune cooldown*: a counter of calls since the controller's last emitted PRUNE (starts
-  "long ago"). In this engine an INSTANT prune also blocks germination env-wide for 6 epochs
-  through the masks (EMBARGOED 5 + RESETTING 1), so the 5-epoch cooldown never binds with the
-  default heads; it is kept for parity with the original and for other prune speeds.
-- *Memory* is updated from what the controller emitted (after masking): the rotation advances
-  only on an emitted GERMINATE, penalty and cooldown only on an emitted PRUNE (a valid PRUNE
-  always executes). ``act`` must be called once per env step, and ``reset(rows)`` together with
-  the engine's reset of the same rows.
-- *Transformer rotation*: (LORA, MLP, ATTENTION, NORM, MLP_SMALL) mirrors the cnn rotation role
-  by role: a light adapter, a heavy module, attention, normalisation, a small cheap module.
+How §14a is read where its text leaves room (plateau, failing, the undecided HOLDING seed,
+blueprint penalty, prune cooldown, memory, transformer rotation): docs/SEMANTICS.md,
+"Heuristic controller".
 
 ``heuristic_step`` is a pure function of (memory, state, masks): branch-free ``torch.where``
 logic, no host syncs, so it compiles with ``fullgraph=True`` next to the engine's step.

@@ -23,7 +23,7 @@ from esper_soa.reference.state import RefEnv, RefSlot, _f32
 class RefHeuristic:
     """The §14a heuristic for one env in plain Python: the oracle of ``esper_soa.agents.heuristic``.
 
-    Same rules and interpretations as the tensorized controller (its module docstring lists them);
+    Same rules and interpretations as the tensorized controller (docs/SEMANTICS.md, "Heuristic controller");
     masks and gates come from this module's :class:`ReferenceEngine`, not from the batched engine,
     so a test comparing the two checks both. Differences of float32 state fields are rounded to
     float32 (``_f32``) before they meet a threshold, as the tensor code compares them.
