@@ -66,7 +66,7 @@ from esper_soa.core.spec import (
 )
 from esper_soa.core.state import as_dict, make_state
 from esper_soa.core.step import act, emit
-from esper_soa.dynamics.synthetic import synthetic_metrics
+from esper_soa.dynamics.synthetic import synthetic_metrics, weighted_masked_action
 
 ENV_VAR = "ESPER_LITE_SRC"
 
@@ -465,12 +465,8 @@ def draw_actions(rng: np.random.Generator, masks: dict[str, np.ndarray], n_slots
     n_envs = masks["op"].shape[0]
     out = {k: np.zeros(n_envs, dtype=np.int64) for k in HEAD_NAMES}
     for e in range(n_envs):
-        w = OP_WEIGHTS * masks["op"][e]
-        op = rng.choice(len(w), p=w / w.sum())
-        out["op"][e] = op
-        out["slot"][e] = rng.choice(np.flatnonzero(masks["slot_by_op"][e, op]))
-        for k in HEAD_NAMES[2:]:
-            out[k][e] = rng.choice(np.flatnonzero(masks[k][e]))
+        for k, v in weighted_masked_action(rng, masks, e, OP_WEIGHTS).items():
+            out[k][e] = v
     return out
 
 

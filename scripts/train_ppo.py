@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         # scale rewards by the running return std; the observed horizon makes truncation terminal
         batch["next", "reward"] = reward_norm(batch["next", "reward"].squeeze(-1), done.squeeze(-1)).unsqueeze(-1)
         batch["next", "terminated"] = done.clone()
-        with torch.no_grad():
-            loss.value_estimator(batch)
-        buffer.empty()
-        buffer.extend(batch.reshape(-1))
-        out = ppo_update(loss, optim, buffer, params, args.ppo_epochs, kl_key="approx_kl", target_kl=args.target_kl)
+        out = ppo_update(loss, optim, buffer, batch, params, args.ppo_epochs, kl_key="approx_kl", target_kl=args.target_kl)
         model.obs_norm.update(batch["observation"])  # after the update: sampling == loss stats
         ret = f"{returns[-1]:8.3f}" if finished.numel() else "       -"
         print(f"update {i + 1:4d}  return {ret}  kl {out['approx_kl'].item():.4f}  "

@@ -48,11 +48,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     for i, batch in enumerate(collector):  # [E, T]
         done = batch["next", "done"]
         returns.append(batch["next", "episode_reward"][done].mean().item())
-        with torch.no_grad():
-            loss.value_estimator(batch)
-        buffer.empty()
-        buffer.extend(batch.reshape(-1))
-        out = ppo_update(loss, optim, buffer, params, args.ppo_epochs)
+        out = ppo_update(loss, optim, buffer, batch, params, args.ppo_epochs)
         ok = batch["next", "success"].float().mean().item()
         print(f"update {i + 1:4d}  return {returns[-1]:8.3f}  kl {out['kl_approx'].item():.4f}  "
               f"entropy {out['entropy'].item():.3f}  ops succeeded {ok:.1%}", flush=True)

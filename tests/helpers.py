@@ -14,7 +14,7 @@ from esper_soa.core.spec import (
     Style,
     head_sizes,
 )
-from esper_soa.dynamics.synthetic import synthetic_metrics
+from esper_soa.dynamics.synthetic import synthetic_metrics, weighted_masked_action
 
 
 def random_metrics(rng: np.random.Generator, n_envs: int, n_slots: int) -> dict[str, torch.Tensor]:
@@ -43,12 +43,8 @@ def random_action(
             for k in HEAD_NAMES:
                 out[k][e] = rng.integers(-1, sizes[k] + 1)
             continue
-        weights = OP_WEIGHTS * np_masks["op"][e]
-        op = rng.choice(len(weights), p=weights / weights.sum())
-        out["op"][e] = op
-        out["slot"][e] = rng.choice(np.flatnonzero(np_masks["slot_by_op"][e, op]))
-        for k in HEAD_NAMES[2:]:
-            out[k][e] = rng.choice(np.flatnonzero(np_masks[k][e]))
+        for k, v in weighted_masked_action(rng, np_masks, e, OP_WEIGHTS).items():
+            out[k][e] = v
     return {k: torch.as_tensor(v) for k, v in out.items()}
 
 

@@ -21,7 +21,7 @@ with per-head multipliers, the forced-step value weight; it is what ``esper-soa 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -29,6 +29,7 @@ from tensordict.nn import CompositeDistribution, TensorDictModule
 from tensordict.utils import NestedKey
 from torch import distributions as D
 from torch import nn
+from torchrl.data import ReplayBuffer
 from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
@@ -236,15 +237,22 @@ def make_ppo_loss(
 
 
 def ppo_update(
-    loss: nn.Module, optim: torch.optim.Optimizer, buffer: Iterable[TensorDictBase], params: Sequence[torch.Tensor],
-    epochs: int, max_grad_norm: float = 5.0, kl_key: NestedKey | None = None, target_kl: float = math.inf,
+    loss: nn.Module, optim: torch.optim.Optimizer, buffer: ReplayBuffer, batch: TensorDictBase,
+    params: Sequence[torch.Tensor], epochs: int, max_grad_norm: float = 5.0, kl_key: NestedKey | None = None,
+    target_kl: float = math.inf,
 ) -> TensorDictBase:
-    """``epochs`` passes of minibatch PPO over ``buffer``: sum of the loss's ``loss_objective``,
-    ``loss_critic`` and ``loss_entropy``, gradients of ``params`` clipped to ``max_grad_norm``.
+    """One PPO update on a collected ``batch``: the loss's value estimator writes the advantages,
+    ``buffer`` is refilled with the flattened batch, then ``epochs`` passes over its minibatches of
+    the sum of ``loss_objective``, ``loss_critic`` and ``loss_entropy``, gradients of ``params``
+    clipped to ``max_grad_norm``.
 
     With ``kl_key``, the update stops (before stepping) at the first minibatch whose
     ``out[kl_key]`` exceeds ``target_kl``. Returns the last loss output (for logging).
     """
+    with torch.no_grad():
+        loss.value_estimator(batch)
+    buffer.empty()
+    buffer.extend(batch.reshape(-1))
     out = None
     for _ in range(epochs):
         for minibatch in buffer:

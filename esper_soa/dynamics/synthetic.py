@@ -1,9 +1,10 @@
-"""Synthetic backend metrics around given host accuracies, for tests and parity scripts.
+"""Synthetic step inputs for tests and parity scripts: backend metrics and mask-respecting actions.
 
 A differential test or a comparison with the original needs identical metric inputs on both
 sides, with values that exercise every gate both ways (gradient health and ratio around their
-thresholds, counterfactuals of either sign, occasional vanishing/exploding flags). This is that
-draw, shared by ``tests/helpers.py`` and ``scripts/compare_original.py``; no engine uses it.
+thresholds, counterfactuals of either sign, occasional vanishing/exploding flags), and random
+mask-respecting actions biased towards progress. Shared by ``tests/helpers.py`` and
+``scripts/compare_original.py``; no engine uses it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from esper_soa.core.spec import METRIC_FIELDS
+from esper_soa.core.spec import HEAD_NAMES, METRIC_FIELDS
 
 
 def synthetic_metrics(
@@ -44,3 +45,16 @@ def synthetic_metrics(
         "has_exploding": rng.random(shape) < 0.1,
     }
     return {k: np.asarray(v, dtype=np.float32) if METRIC_FIELDS[k][0] == torch.float32 else v for k, v in m.items()}
+
+
+def weighted_masked_action(
+    rng: np.random.Generator, masks: dict[str, np.ndarray], env: int, op_weights: np.ndarray
+) -> dict[str, int]:
+    """Env ``env``'s head values: an op the masks allow, drawn with ``op_weights``; a slot that op
+    allows; every other head uniform over its mask (numpy masks, ``[E, ...]``)."""
+    w = op_weights * masks["op"][env]
+    op = rng.choice(len(w), p=w / w.sum())
+    row = {"op": op, "slot": rng.choice(np.flatnonzero(masks["slot_by_op"][env, op]))}
+    for k in HEAD_NAMES[2:]:
+        row[k] = rng.choice(np.flatnonzero(masks[k][env]))
+    return row
