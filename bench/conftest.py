@@ -11,11 +11,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _RESULTS: dict[str, dict[tuple, float]] = {}
 
@@ -54,7 +51,7 @@ def time_without_gc(run: Callable[[], object], setup: Callable[[], object], roun
 def reference_round(cfg, state: dict, action: dict, metrics: dict) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(run, setup)`` for one round of the per-env reference: ``setup`` loads ``state`` (a batched
     variant's state), ``run`` does transition + masks + observation with ``action`` and ``metrics``."""
-    from esper_soa.reference.oracle import ReferenceEngine
+    from esper_soa.reference import ReferenceEngine
     from tests.helpers import to_numpy
 
     ref = ReferenceEngine(cfg)

@@ -35,9 +35,8 @@ from esper_soa.core.spec import AlphaAlgorithm as A
 from esper_soa.core.spec import Blueprint as BP
 from esper_soa.core.spec import Stage
 from esper_soa.core.state import make_state
-from esper_soa.dynamics.hosts import (
-    BatchedHostsDynamics,
-    HostsConfig,
+from esper_soa.dynamics.hosts import BatchedHostsDynamics, HostsConfig
+from tests.hosts_reference import (
     evaluate_single_host,
     single_host_forward,
     slot_setups,
@@ -98,7 +97,7 @@ def best_interleaved(fns: list[Callable[[], object]], rounds: int) -> list[float
 
 def per_env_loop(dyn: BatchedHostsDynamics, state: dict, aux: dict) -> Callable[[], None]:
     """The baseline: each env's host trained and evaluated alone, env after env, on the batched
-    backend's data order and seeded state (the readable reference of ``esper_soa.dynamics.hosts``)."""
+    backend's data order and seeded state (the readable reference, ``tests/hosts_reference.py``)."""
     data, order = dyn.data, dyn.data_order(aux)
     per_env = [
         (dyn.env_params(aux, e), dyn.env_params(aux, e, momentum=True), slot_setups(state, e))

@@ -23,20 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from esper_soa.dynamics.hosts import HOSTS_PRESETS  # noqa: E402
-from esper_soa.training.calibration import (  # noqa: E402
+from esper_soa.dynamics.hosts import HOSTS_PRESETS
+from esper_soa.training.calibration import (
     FITTED_FIELDS,
     config_literal,
     contribution_by_alpha,
-    plot_calibration,
     run_calibration,
     seed_headroom,
 )
+from esper_soa.training.plots import plot_calibration
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STAT_ROWS = (
     ("final_acc_mean", "final val_acc, mean (%)"),

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import math
 import os
 import sys
@@ -63,6 +65,7 @@ from esper_soa.core.spec import (
 )
 from esper_soa.core.state import as_dict, make_state
 from esper_soa.core.step import after_host, before_host, emit, first_epoch
+from esper_soa.dynamics.synthetic import synthetic_metrics, weighted_masked_action
 
 ENV_VAR = "ESPER_LITE_SRC"
 
@@ -118,8 +121,15 @@ def load_original(src: str | None = None) -> SimpleNamespace:
         raise ImportError(f"the original's source path is not set (pass --esper-src or set ${ENV_VAR})")
     if not os.path.isdir(os.path.join(src, "esper")):
         raise ImportError(f"{src!r} has no 'esper' package (expected esper-lite's src/ folder)")
-    if src not in sys.path:
-        sys.path.insert(0, src)
+    if "esper" not in sys.modules:  # the package from ``src`` itself; its submodules resolve from it
+        spec = importlib.machinery.PathFinder.find_spec("esper", [src])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["esper"] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules["esper"]
+            raise
     names = dict(
         slot="esper.kasmina.slot",
         host="esper.kasmina.host",
@@ -445,24 +455,7 @@ class MetricStream:
     def next(self) -> dict[str, np.ndarray]:
         r, E, S = self.rng, self.E, self.S
         self.acc = np.clip(self.acc + r.normal(0.3, 1.0, E), 1.0, 99.0)
-        acc = self.acc.astype(np.float32)
-        m = {
-            "val_loss": r.uniform(0.1, 3.0, E),
-            "val_acc": acc,
-            "acc_all_seeds_off": acc - r.normal(0.3, 1.5, E),
-            "acc_committed": acc - r.normal(0.2, 1.0, E),
-            "host_params": np.full(E, 1e5),
-            "diverged": np.zeros(E, dtype=bool),
-            "acc_without_slot": acc[:, None] - r.normal(0.5, 1.5, (E, S)),
-            "interaction_sum": r.normal(0.0, 1.0, (E, S)),
-            "gradient_norm": r.lognormal(0.0, 1.0, (E, S)),
-            "gradient_health": r.uniform(0.4, 1.0, (E, S)),
-            "gradient_ratio": r.uniform(0.0, 0.4, (E, S)),
-            "has_vanishing": r.random((E, S)) < 0.1,
-            "has_exploding": r.random((E, S)) < 0.1,
-        }
-        # float32 inputs, so both sides see exactly the values our state stores
-        return {k: np.asarray(v, dtype=np.float32) if METRIC_FIELDS[k][0] == torch.float32 else v for k, v in m.items()}
+        return synthetic_metrics(r, self.acc.astype(np.float32), S, host_params=1e5, spread=1.5)
 
 
 def draw_actions(rng: np.random.Generator, masks: dict[str, np.ndarray], n_slots: int) -> dict[str, np.ndarray]:
@@ -470,12 +463,8 @@ def draw_actions(rng: np.random.Generator, masks: dict[str, np.ndarray], n_slots
     n_envs = masks["op"].shape[0]
     out = {k: np.zeros(n_envs, dtype=np.int64) for k in HEAD_NAMES}
     for e in range(n_envs):
-        w = OP_WEIGHTS * masks["op"][e]
-        op = rng.choice(len(w), p=w / w.sum())
-        out["op"][e] = op
-        out["slot"][e] = rng.choice(np.flatnonzero(masks["slot_by_op"][e, op]))
-        for k in HEAD_NAMES[2:]:
-            out[k][e] = rng.choice(np.flatnonzero(masks[k][e]))
+        for k, v in weighted_masked_action(rng, masks, e, OP_WEIGHTS).items():
+            out[k][e] = v
     return out
 
 

@@ -11,22 +11,20 @@ Usage: ``python scripts/plot_surrogate.py [--out PATH] [--seed N]``
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import torch  # noqa: E402
 
 from esper_soa.core.config import EngineConfig  # noqa: E402
 from esper_soa.core.spec import TOPOLOGY_BLUEPRINTS, AlphaAlgorithm, Blueprint, Stage  # noqa: E402
 from esper_soa.core.state import make_state  # noqa: E402
 from esper_soa.dynamics.surrogate import SurrogateDynamics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 N_ENVS = 64
 N_SLOTS = 3

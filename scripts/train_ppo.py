@@ -10,8 +10,6 @@ engine-direct collection): the factored actor-critic, ``FactoredPPOLoss`` with T
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torchrl.collectors import Collector
@@ -19,12 +17,11 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacem
 from torchrl.envs import Compose, RewardSum, TransformedEnv
 from torchrl.objectives.utils import ValueEstimators
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from esper_soa.agents.loss import FactoredPPOLoss  # noqa: E402
-from esper_soa.agents.policy import ActorCritic, RewardNormalizer  # noqa: E402
-from esper_soa.cli import add_engine_args, engine_config_from_args  # noqa: E402
-from esper_soa.env.esper_env import EsperEnv  # noqa: E402
+from esper_soa.agents.loss import FactoredPPOLoss
+from esper_soa.agents.policy import ActorCritic, RewardNormalizer
+from esper_soa.agents.torchrl_recipe import ppo_update
+from esper_soa.cli import add_engine_args, engine_config_from_args
+from esper_soa.env.esper_env import EsperEnv
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -48,6 +45,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     loss = FactoredPPOLoss(model)
     loss.make_value_estimator(ValueEstimators.GAE)  # gamma .995, lambda .98 (SPEC §14)
     optim = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-5)
+    params = list(model.parameters())
     reward_norm = RewardNormalizer(cfg.n_envs, loss.gamma)
     steps = args.rollout_len or cfg.max_epochs
     frames = cfg.n_envs * steps
@@ -67,23 +65,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         # scale rewards by the running return std; the observed horizon makes truncation terminal
         batch["next", "reward"] = reward_norm(batch["next", "reward"].squeeze(-1), done.squeeze(-1)).unsqueeze(-1)
         batch["next", "terminated"] = done.clone()
-        with torch.no_grad():
-            loss.value_estimator(batch)
-        buffer.empty()
-        buffer.extend(batch.reshape(-1))
-        stop = False
-        for _ in range(args.ppo_epochs):
-            for minibatch in buffer:
-                out = loss(minibatch)
-                if out["approx_kl"].item() > args.target_kl:
-                    stop = True
-                    break
-                optim.zero_grad()
-                (out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optim.step()
-            if stop:
-                break
+        out = ppo_update(loss, optim, buffer, batch, params, args.ppo_epochs, kl_key="approx_kl", target_kl=args.target_kl)
         model.obs_norm.update(batch["observation"])  # after the update: sampling == loss stats
         ret = f"{returns[-1]:8.3f}" if finished.numel() else "       -"
         print(f"update {i + 1:4d}  return {ret}  kl {out['approx_kl'].item():.4f}  "

@@ -10,19 +10,15 @@ sampled op, so every action is valid: the env keeps ``validate_actions`` on). Co
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 from torchrl.envs import RewardSum, TransformedEnv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from esper_soa.agents.torchrl_recipe import make_actor_critic, make_ppo_loss  # noqa: E402
-from esper_soa.cli import add_engine_args, engine_config_from_args  # noqa: E402
-from esper_soa.env.esper_env import EsperEnv  # noqa: E402
+from esper_soa.agents.torchrl_recipe import make_actor_critic, make_ppo_loss, ppo_update
+from esper_soa.cli import add_engine_args, engine_config_from_args
+from esper_soa.env.esper_env import EsperEnv
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -42,6 +38,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     actor, critic = make_actor_critic(env.base_env, hidden=args.hidden)
     loss = make_ppo_loss(actor, critic)
     optim = torch.optim.Adam(loss.parameters(), lr=args.lr)
+    params = list(loss.parameters())
     frames = cfg.n_envs * cfg.max_epochs  # whole episodes per batch
     collector = Collector(env, actor, frames_per_batch=frames, total_frames=frames * args.updates)
     buffer = ReplayBuffer(
@@ -51,17 +48,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     for i, batch in enumerate(collector):  # [E, T]
         done = batch["next", "done"]
         returns.append(batch["next", "episode_reward"][done].mean().item())
-        with torch.no_grad():
-            loss.value_estimator(batch)
-        buffer.empty()
-        buffer.extend(batch.reshape(-1))
-        for _ in range(args.ppo_epochs):
-            for minibatch in buffer:
-                out = loss(minibatch)
-                optim.zero_grad()
-                (out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]).backward()
-                torch.nn.utils.clip_grad_norm_(loss.parameters(), 5.0)
-                optim.step()
+        out = ppo_update(loss, optim, buffer, batch, params, args.ppo_epochs)
         ok = batch["next", "success"].float().mean().item()
         print(f"update {i + 1:4d}  return {returns[-1]:8.3f}  kl {out['kl_approx'].item():.4f}  "
               f"entropy {out['entropy'].item():.3f}  ops succeeded {ok:.1%}", flush=True)

@@ -14,6 +14,7 @@ from esper_soa.core.spec import (
     Style,
     head_sizes,
 )
+from esper_soa.dynamics.synthetic import synthetic_metrics, weighted_masked_action
 
 
 def random_metrics(
@@ -22,21 +23,7 @@ def random_metrics(
     """Metrics shaped like a backend's, with values that exercise every gate both ways; a host
     diverges with probability ``p_diverged`` per env."""
     acc = rng.uniform(40, 90, n_envs)
-    m = {
-        "val_loss": rng.uniform(0.1, 3.0, n_envs),
-        "val_acc": acc,
-        "acc_all_seeds_off": acc - rng.normal(0.3, 2.0, n_envs),
-        "acc_committed": acc - rng.normal(0.2, 1.0, n_envs),
-        "host_params": rng.choice([150.0, 5000.0, 250000.0], n_envs),
-        "diverged": rng.random(n_envs) < p_diverged,
-        "acc_without_slot": acc[:, None] - rng.normal(0.5, 2.0, (n_envs, n_slots)),
-        "interaction_sum": rng.normal(0.0, 1.0, (n_envs, n_slots)),
-        "gradient_norm": rng.lognormal(0.0, 1.0, (n_envs, n_slots)),
-        "gradient_health": rng.uniform(0.4, 1.0, (n_envs, n_slots)),
-        "gradient_ratio": rng.uniform(0.0, 0.4, (n_envs, n_slots)),
-        "has_vanishing": rng.random((n_envs, n_slots)) < 0.1,
-        "has_exploding": rng.random((n_envs, n_slots)) < 0.1,
-    }
+    m = synthetic_metrics(rng, acc, n_slots, host_params=(150.0, 5000.0, 250000.0), spread=2.0, p_diverged=p_diverged)
     return {k: torch.as_tensor(v, dtype=METRIC_FIELDS[k][0]) for k, v in m.items()}
 
 
@@ -59,12 +46,8 @@ def random_action(
             for k in HEAD_NAMES:
                 out[k][e] = rng.integers(-1, sizes[k] + 1)
             continue
-        weights = OP_WEIGHTS * np_masks["op"][e]
-        op = rng.choice(len(weights), p=weights / weights.sum())
-        out["op"][e] = op
-        out["slot"][e] = rng.choice(np.flatnonzero(np_masks["slot_by_op"][e, op]))
-        for k in HEAD_NAMES[2:]:
-            out[k][e] = rng.choice(np.flatnonzero(np_masks[k][e]))
+        for k, v in weighted_masked_action(rng, np_masks, e, OP_WEIGHTS).items():
+            out[k][e] = v
     return {k: torch.as_tensor(v) for k, v in out.items()}
 
 

@@ -19,7 +19,7 @@ from esper_soa.core.masks import compute_masks
 from esper_soa.core.spec import SpecTables
 from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
 from esper_soa.core.step import after_host, after_reset, before_host, first_epoch
-from esper_soa.reference.oracle import ReferenceEngine
+from esper_soa.reference import ReferenceEngine
 from tests.helpers import random_action, random_metrics, to_numpy
 
 configs = st.builds(

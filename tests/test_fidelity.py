@@ -27,7 +27,7 @@ from esper_soa.core.spec import (
 )
 from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
 from esper_soa.core.step import after_host, before_host, emit, first_epoch
-from esper_soa.reference.oracle import ReferenceEngine
+from esper_soa.reference import ReferenceEngine
 from tests.helpers import (
     SPEED_FAST,
     SPEED_INSTANT,

@@ -37,7 +37,7 @@ from esper_soa.core.spec import (
 from esper_soa.core.state import make_state
 from esper_soa.core.validation import validate_action
 from esper_soa.env.engine import Engine
-from esper_soa.reference.oracle import RefHeuristic, ref_heuristic_actions
+from esper_soa.reference import RefHeuristic, ref_heuristic_actions
 
 COMPILE_BACKEND = os.environ.get("ESPER_COMPILE_BACKEND", "aot_eager")
 CNN_ROTATION = [Blueprint.CONV_LIGHT, Blueprint.CONV_HEAVY, Blueprint.ATTENTION, Blueprint.NORM, Blueprint.DEPTHWISE]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from esper_soa.core import rng
+from esper_soa.core import step as core_step
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import METRIC_FIELDS, Stage
 from esper_soa.core.spec import AlphaAlgorithm as A
@@ -29,17 +30,15 @@ from esper_soa.dynamics.data import (
     load_cifar10,
     load_dataset,
 )
-from esper_soa.dynamics.hosts import (
-    BatchedHostsDynamics,
-    HostsConfig,
+from esper_soa.dynamics.hosts import BatchedHostsDynamics, HostsConfig
+from esper_soa.env.engine import Engine
+from tests.helpers import random_action
+from tests.hosts_reference import (
     evaluate_single_host,
     single_host_forward,
     slot_setups,
     train_single_host,
 )
-from esper_soa.core import step as core_step
-from esper_soa.env.engine import Engine
-from tests.helpers import random_action
 
 S = 3
 HCFG = HostsConfig(minibatch_size=16, minibatches_per_epoch=3, val_size=64, val_chunk=200, grad_stride=2)

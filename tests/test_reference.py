@@ -1,4 +1,4 @@
-"""Unit tests of the plain-Python reference oracle (esper_soa.reference.oracle).
+"""Unit tests of the plain-Python reference oracle (esper_soa.reference).
 
 They pin the SPEC's worked values and the SEMANTICS decisions the differential tests rely on:
 alpha curves, the embargo timeline, masks per stage, gate thresholds, observation layout and a
@@ -30,7 +30,7 @@ from esper_soa.core.spec import (
     stage_onehot_index,
 )
 from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS
-from esper_soa.reference.oracle import ReferenceEngine, RefSlot, timing_discount
+from esper_soa.reference import ReferenceEngine, RefSlot, timing_discount
 from tests.helpers import (
     SPEED_FAST,
     SPEED_MEDIUM,

@@ -21,146 +21,38 @@ Heads: GERMINATE uses ``germinate_style`` / ``germinate_tempo`` / ``germinate_al
 at INSTANT). Heads an op does not use still carry valid values: the defaults above, the rotation's
 next blueprint, and for WAIT the first enabled slot.
 
-Interpretations of §14a (where its text leaves room):
-
-- *Plateau*: per call, ``gain = val_acc - previous val_acc``; a gain ``<= plateau_epsilon``
-  (0.5 pp: just above the surrogate's per-epoch noise on a gain, ~0.42 pp, so a flat host
-  registers while a host still learning >= 1 pp/epoch does not) extends the plateau counter, a
-  larger gain resets it to 0. The first call after a reset has no previous accuracy: counter 0.
-- *Failing* (TRAINING/BLENDING): ``epochs_in_stage >= prune_after_epochs`` and (improvement since
-  stage start ``val_acc - accuracy_at_stage_start < 0`` or the accuracy dropped by
-  ``>= accuracy_drop`` pp since germination: ``val_acc - accuracy_at_germination <= -2``).
-  A failing BLENDING seed whose alpha ramp is in flight cannot be pruned (mask: alpha_mode HOLD),
-  so it WAITs; it does not fall through to ADVANCE (whose gate could not pass mid-ramp anyway).
-  A TRAINING seed whose G2 never passes (unhealthy gradients) while the host keeps improving is
-  never failing either, so it stays in TRAINING: §14a has no timeout and we add none.
-- *Total improvement* (HOLDING) is ``val_acc - accuracy_at_germination``.
-- *HOLDING, measured but neither rule fires* (contribution in ``(0.1, 0.5)`` with total
-  improvement ``>= 0``, or contribution ``<= 0.1``): §14a's "else WAIT until contribution is
-  measured" only covers the unmeasured case, so this one is open. We PRUNE, as the original
-  controller did: read literally as WAIT, a seed that hurts the host (contribution < 0) while
-  the host itself keeps learning (total improvement > 0) sits in HOLDING for the rest of the
-  episode and, one live seed at a time, blocks every further germination (a quarter of the envs
-  of a 150-epoch surrogate episode). ``prune_undecided_holding=False`` gives the literal reading.
-  With the default the 0.1 threshold only names the reason for a prune, not the decision.
-- *Blueprint penalty*: once per call all penalties are halved first, the skip test then reads
-  the halved values (skip while ``>= 3``), and a PRUNE emitted by this call adds 2 to the pruned
-  seed's blueprint. With the default numbers one prune never reaches the threshold (2 -> 1 ->
-  ...), so a blueprint is only skipped after repeated prunes in quick succession; the mechanism
-  is exact and tested with larger penalties. The rotation pointer advances past every skipped
-  entry, and when every rotation entry is penalised the least-penalised one (first in rotation
-  order) is used and the pointer does not move (the original's behaviour).
-- *Prune cooldown*: a counter of calls since the controller's last emitted PRUNE (starts
-  "long ago"). In this engine an INSTANT prune also blocks germination env-wide for 6 epochs
-  through the masks (EMBARGOED 5 + RESETTING 1), so the 5-epoch cooldown never binds with the
-  default heads; it is kept for parity with the original and for other prune speeds.
-- *Memory* is updated from what the controller emitted (after masking): the rotation advances
-  only on an emitted GERMINATE, penalty and cooldown only on an emitted PRUNE (a valid PRUNE
-  always executes). ``act`` must be called once per env step, and ``reset(rows)`` together with
-  the engine's reset of the same rows.
-- *Transformer rotation*: (LORA, MLP, ATTENTION, NORM, MLP_SMALL) mirrors the cnn rotation role
-  by role: a light adapter, a heavy module, attention, normalisation, a small cheap module.
+How §14a is read where its text leaves room (plateau, failing, the undecided HOLDING seed,
+blueprint penalty, prune cooldown, memory, transformer rotation): docs/SEMANTICS.md,
+"Heuristic controller".
 
 ``heuristic_step`` is a pure function of (memory, state, masks): branch-free ``torch.where``
 logic, no host syncs, so it compiles with ``fullgraph=True`` next to the engine's step.
-``esper_soa.reference.oracle.RefHeuristic`` implements the same rules per env in plain Python.
+``esper_soa.reference.heuristic.RefHeuristic`` implements the same rules per env in plain Python.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
 
 from esper_soa.core.config import EngineConfig
+from esper_soa.core.heuristic_config import NEVER_PRUNED, HeuristicConfig
 from esper_soa.core.lifecycle import gate_g2, gate_g3
 from esper_soa.core.spec import (
-    ALPHA_SPEED_TICKS,
-    ALPHA_TARGETS,
     PRUNABLE_STAGES,
-    TEMPO_EPOCHS,
-    TOPOLOGY_BLUEPRINTS,
-    AlphaCurve,
     Blueprint,
     Op,
     Stage,
-    Style,
     stage_in,
 )
 from esper_soa.core.state import State
 
 N_BLUEPRINTS = len(Blueprint)
-NEVER_PRUNED = 1_000_000  # epochs_since_prune of a controller that has not pruned (saturates here)
 
 Memory = dict  # {"rotation_index": [E] i64, "penalty": [E,13] f32, "epochs_since_prune": [E] i64,
 #                 "plateau": [E] i64, "prev_acc": [E] f32, "has_prev": [E] bool}
-
-
-@dataclass(frozen=True)
-class HeuristicConfig:
-    """Every constant of the §14a controller (accuracies in percentage points, times in epochs)."""
-
-    plateau_epsilon: float = 0.5  # an epoch-to-epoch val_acc gain <= this counts as no gain
-    plateau_epochs: int = 3  # consecutive no-gain epochs that make a plateau
-    min_epoch: int = 5  # no germination before this epoch
-    prune_cooldown: int = 5  # no germination until this many epochs after the controller's last prune
-    blueprint_penalty_on_prune: float = 2.0  # added to a blueprint's penalty when its seed is pruned
-    blueprint_penalty_decay: float = 0.5  # per-epoch factor on every penalty
-    blueprint_penalty_threshold: float = 3.0  # a blueprint is skipped while its penalty is >= this
-    prune_after_epochs: int = 5  # TRAINING/BLENDING seeds are judged from this many epochs in stage
-    accuracy_drop: float = 2.0  # prune when val_acc fell this much below accuracy_at_germination
-    fossilize_contribution: float = 0.5  # HOLDING: fossilize from this contribution (with total >= 0)
-    prune_contribution: float = 0.1  # HOLDING: prune above this contribution when total < 0
-    prune_undecided_holding: bool = True  # prune a measured HOLDING seed no rule fossilizes (False: WAIT)
-    cnn_rotation: tuple[int, ...] = (
-        Blueprint.CONV_LIGHT,
-        Blueprint.CONV_HEAVY,
-        Blueprint.ATTENTION,
-        Blueprint.NORM,
-        Blueprint.DEPTHWISE,
-    )
-    transformer_rotation: tuple[int, ...] = (
-        Blueprint.LORA,
-        Blueprint.MLP,
-        Blueprint.ATTENTION,
-        Blueprint.NORM,
-        Blueprint.MLP_SMALL,
-    )
-    germinate_style: int = Style.SIGMOID_ADD
-    germinate_tempo: int = 1  # index into TEMPO_EPOCHS: STANDARD (5 epochs)
-    germinate_alpha_target: int = 2  # index into ALPHA_TARGETS: FULL
-    prune_alpha_speed: int = 0  # index into ALPHA_SPEED_TICKS: INSTANT
-    prune_alpha_curve: int = AlphaCurve.LINEAR
-
-    def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"HeuristicConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        for name in ("plateau_epochs", "min_epoch", "prune_cooldown", "prune_after_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "an int >= 0")
-        if not 0.0 < self.blueprint_penalty_decay <= 1.0:
-            raise bad("blueprint_penalty_decay", "a factor in (0, 1]")
-        for name, n in (
-            ("germinate_style", len(Style)),
-            ("germinate_tempo", len(TEMPO_EPOCHS)),
-            ("germinate_alpha_target", len(ALPHA_TARGETS)),
-            ("prune_alpha_speed", len(ALPHA_SPEED_TICKS)),
-            ("prune_alpha_curve", len(AlphaCurve)),
-        ):
-            if not 0 <= int(getattr(self, name)) < n:
-                raise bad(name, f"an index in [0, {n})")
-        for topology in TOPOLOGY_BLUEPRINTS:
-            rotation = self.rotation(topology)
-            if not rotation or any(b not in TOPOLOGY_BLUEPRINTS[topology] for b in rotation):
-                allowed = TOPOLOGY_BLUEPRINTS[topology]
-                raise bad(f"{topology}_rotation", f"a non-empty tuple of {topology} blueprints {allowed}")
-
-    def rotation(self, topology: str) -> tuple[int, ...]:
-        """Blueprint codes germinated in turn for ``topology``."""
-        return tuple(int(b) for b in getattr(self, f"{topology}_rotation"))
 
 
 class HeuristicTables:

@@ -20,6 +20,7 @@ with per-head multipliers, the forced-step value weight; it is what ``esper-soa 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,7 @@ from tensordict.nn import CompositeDistribution, TensorDictModule
 from tensordict.utils import NestedKey
 from torch import distributions as D
 from torch import nn
+from torchrl.data import ReplayBuffer
 from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
@@ -232,3 +234,35 @@ def make_ppo_loss(
     return loss
 
 
+
+
+def ppo_update(
+    loss: nn.Module, optim: torch.optim.Optimizer, buffer: ReplayBuffer, batch: TensorDictBase,
+    params: Sequence[torch.Tensor], epochs: int, max_grad_norm: float = 5.0, kl_key: NestedKey | None = None,
+    target_kl: float = math.inf,
+) -> TensorDictBase:
+    """One PPO update on a collected ``batch``: the loss's value estimator writes the advantages,
+    ``buffer`` is refilled with the flattened batch, then ``epochs`` passes over its minibatches of
+    the sum of ``loss_objective``, ``loss_critic`` and ``loss_entropy``, gradients of ``params``
+    clipped to ``max_grad_norm``.
+
+    With ``kl_key``, the update stops (before stepping) at the first minibatch whose
+    ``out[kl_key]`` exceeds ``target_kl``. Returns the last loss output (for logging).
+    """
+    with torch.no_grad():
+        loss.value_estimator(batch)
+    buffer.empty()
+    buffer.extend(batch.reshape(-1))
+    out = None
+    for _ in range(epochs):
+        for minibatch in buffer:
+            out = loss(minibatch)
+            if kl_key is not None and out[kl_key].item() > target_kl:
+                return out
+            optim.zero_grad()
+            (out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]).backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optim.step()
+    if out is None:
+        raise ValueError(f"ppo_update: expected epochs >= 1 and a non-empty buffer, got epochs={epochs}")
+    return out

@@ -27,11 +27,19 @@ from esper_soa.core.spec import (
 )
 from esper_soa.core.state import State
 
-# Potential base per stage code (SPEC §12); stages not listed are 0.
+# Reward constants (SPEC §12), named once: this module and the plain-Python reference
+# (esper_soa.reference.reward) both read them.
+# Potential base per stage code; stages not listed are 0.
 PHI_BASE = {Stage.GERMINATED: 1.0, Stage.TRAINING: 2.0, Stage.BLENDING: 3.5, Stage.HOLDING: 5.5, Stage.FOSSILIZED: 6.0}
+PHI_EPOCH_RATE = 0.3  # Phi grows 0.3 per epoch in stage ...
+PHI_EPOCH_CAP = 2.0  # ... up to +2
 PBRS_WEIGHT = 0.3
+TIMING_FULL_EPOCH = 10  # tau(g) = 1 from (1-based) epoch 10 on
 RENT_HOST_SHARE = 0.0039
+PARAMS_FLOOR = 200.0  # rent and shock divide by max(H, 200)
 SHOCK_COEF = 0.1958
+FOSSIL_BONUS = 0.9645  # FOSSILIZE op shaping: bonus per unit of the age ramp
+SPARSE_PARAM_SCALE = 5e5  # SPARSE charges 0.1 per 500,000 fossil parameters
 COMMIT_WEIGHT = 20.0  # W: COMMITTED pays 20 per pp of committed gain J
 FOSSIL_PARAM_PRICE = 50_000.0  # J charges 1 pp per 50,000 fossilized parameters
 DIVERGENCE_PENALTY = -10.0  # SPEC §13: the step on which a host diverges (terminated)
@@ -57,12 +65,12 @@ def tau(g: torch.Tensor) -> torch.Tensor:
     """Timing discount for seeds germinated in the first 10 epochs (``g`` is 1-based, as the
     original's epoch counter: our pre-action ``epoch`` + 1)."""
     g = g.to(torch.float32)
-    return torch.where(g >= 10, torch.ones_like(g), 0.4 + 0.06 * g)
+    return torch.where(g >= TIMING_FULL_EPOCH, torch.ones_like(g), 0.4 + 0.06 * g)
 
 
 def potential(stage: torch.Tensor, epochs: torch.Tensor) -> torch.Tensor:
     base = torch.tensor([PHI_BASE.get(code, 0.0) for code in range(N_STAGE_CODES)], device=stage.device)
-    return base[stage] + (0.3 * epochs.to(torch.float32)).clamp(max=2.0)
+    return base[stage] + (PHI_EPOCH_RATE * epochs.to(torch.float32)).clamp(max=PHI_EPOCH_CAP)
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +208,7 @@ def reward_terms(
 
     # (f) rent, (g) alpha shock, (h) capacity: env-wide
     all_stage = sl["stage"]
-    h_floor = h.clamp(min=200.0)
+    h_floor = h.clamp(min=PARAMS_FLOOR)
     rented = stage_in(all_stage, (Stage.BLENDING, Stage.HOLDING, Stage.FOSSILIZED)).to(f)
     eff = (rented * (RENT_HOST_SHARE * h[:, None] + sl["alpha"] * sl["seed_params"])).sum(1)
     rent = -(0.5 * torch.log1p(eff / h_floor)).clamp(max=1.5)
@@ -215,7 +223,7 @@ def reward_terms(
     ransom = torch.where(c_known & (c > 0.1) & (imp < -0.2), torch.full_like(c, -0.3), _zero(c))
     fossilize = torch.where(
         imp >= 0,
-        torch.where(c_known & (c >= 1), (0.5 + 0.1 * c) * ramp + 0.9645 * ramp, torch.full_like(c, -0.2)),
+        torch.where(c_known & (c >= 1), (0.5 + 0.1 * c) * ramp + FOSSIL_BONUS * ramp, torch.full_like(c, -0.2)),
         -0.5 - (0.2 * imp.abs()).clamp(max=1.0) + ransom,
     ) - 0.01
     by_contribution = torch.where(
@@ -302,7 +310,7 @@ def settlement(next_state: State, done: torch.Tensor, cfg: EngineConfig) -> torc
 def sparse_reward(state: State) -> torch.Tensor:
     """Committed accuracy (non-fossil seeds off) minus a fossil-parameter cost (the original's
     ``compute_sparse_reward`` on ``committed_val_acc``); the caller pays it at the last step."""
-    return (state["acc_committed"] / 100 - 0.1 * fossil_params(state) / 5e5).clamp(-1.0, 1.0)
+    return (state["acc_committed"] / 100 - 0.1 * fossil_params(state) / SPARSE_PARAM_SCALE).clamp(-1.0, 1.0)
 
 
 def compute_reward(

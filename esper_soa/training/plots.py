@@ -182,3 +182,109 @@ def plot_run(run: str | Path, n_envs: int = 4, seed: int = 1000, dynamics_config
                  f"{engine.max_epochs} epochs (final val_acc at the left)")
         out.append(plot_lifecycle(result.trace, run / "lifecycle.png", title))
     return out
+
+
+def plot_calibration(res: dict[str, Any], path: str, n_show: int = 4) -> None:
+    """Real vs surrogate: host curves, noise over time, heuristic runs, host-curve fits against the
+    surrogate ranges, and the measured-contribution distributions per controller (``res`` is
+    :func:`esper_soa.training.calibration.run_calibration`'s result)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    from esper_soa.training.calibration import (
+        fit_host_curves,
+        noise_profile,
+        seed_last_contributions,
+    )
+
+    real, sur = res["real"], res["surrogate"]
+    controllers = [c for c in real if c != "host_only"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fit = res["host_fit"]
+    t = np.arange(real["host_only"].n_epochs + 1)
+    styles = {"real": ("C0", "-"), "fitted": ("C2", "--"), "default": ("0.4", "-.")}
+
+    ax = axes[0, 0]
+    for i in range(min(n_show, real["host_only"].n_envs)):
+        c = colors[(i + 3) % 10]
+        ax.plot(t, real["host_only"].val_acc[i], color=c, lw=1.3, label="real env" if i == 0 else None)
+        ax.plot(t, fit.curve(t)[i], color=c, lw=0.9, ls=":", label="its exponential fit" if i == 0 else None)
+        ax.plot(t, sur["fitted"]["host_only"].val_acc[i], color=c, lw=0.9, ls="--", alpha=0.8,
+                label="fitted surrogate env" if i == 0 else None)
+    d = sur["default"]["host_only"].val_acc
+    ax.plot(t, d.mean(0), color="0.3", lw=1.5, ls="-.", label="default surrogate, mean +- std")
+    ax.fill_between(t, d.mean(0) - d.std(0), d.mean(0) + d.std(0), color="0.5", alpha=0.2)
+    ax.set(title=f"host only: val_acc of {n_show} envs", xlabel="epoch", ylabel="val_acc (%)", ylim=(0, 100))
+    ax.legend(fontsize=7, loc="lower right")
+
+    ax = axes[0, 1]
+    for label, runs, f in (("real", real, fit),
+                           ("fitted", sur["fitted"], fit_host_curves(sur["fitted"]["host_only"].val_acc)),
+                           ("default", sur["default"], fit_host_curves(sur["default"]["host_only"].val_acc))):
+        x, prof = noise_profile(runs["host_only"].val_acc, f)
+        col, ls = styles[label]
+        ax.plot(x, prof, color=col, ls=ls, marker="o", ms=3, label=label if label == "real" else f"{label} surrogate")
+    ax.axhline(res["fitted_values"]["eval_noise_std"], color="C2", lw=0.7)
+    ax.set(title="per-epoch evaluation noise (host only)", xlabel="epoch (5-epoch windows)",
+           ylabel="std(diff of residual) / sqrt 2 (pp, log)", yscale="log")
+    ax.yaxis.set_major_locator(FixedLocator([0.2, 0.3, 0.5, 1, 2, 3, 5, 10]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.legend(fontsize=7)
+
+    ax = axes[0, 2]
+    name = controllers[0] if controllers else "host_only"
+    for label, runs in (("real", real), ("fitted", sur["fitted"]), ("default", sur["default"])):
+        a = runs[name].val_acc
+        col, ls = styles[label]
+        ax.plot(t, a.mean(0), color=col, ls=ls, lw=1.5,
+                label=f"{label if label == 'real' else label + ' surrogate'} (n={runs[name].n_envs})")
+        ax.fill_between(t, a.mean(0) - a.std(0), a.mean(0) + a.std(0), color=col, alpha=0.15)
+    ax.set(title=f"{name}: val_acc mean +- std over envs", xlabel="epoch", ylabel="val_acc (%)", ylim=(0, 100))
+    ax.legend(fontsize=7, loc="lower right")
+
+    ax = axes[1, 0]
+    ax.scatter(fit.tau, fit.acc_max, s=14, color="C0", label="real env fit: (tau, a_max)")
+    ax.scatter(fit.tau, fit.acc0, s=14, marker="x", color="C1", label="real env fit: (tau, a0)")
+    v, dc = res["fitted_values"], res["default_config"]
+    for (lo, hi), (alo, ahi), col, lab in (
+        ((v["host_tau_min"], v["host_tau_max"]), (v["host_acc_max_min"], v["host_acc_max_max"]), "C0", "fitted ranges"),
+        ((v["host_tau_min"], v["host_tau_max"]), (v["host_acc0_min"], v["host_acc0_max"]), "C1", None),
+        ((dc.host_tau_min, dc.host_tau_max), (dc.host_acc_max_min, dc.host_acc_max_max), "0.4", "default ranges"),
+        ((dc.host_tau_min, dc.host_tau_max), (dc.host_acc0_min, dc.host_acc0_max), "0.4", None),
+    ):
+        ax.add_patch(plt.Rectangle((lo, alo), hi - lo, ahi - alo, fill=False, ec=col, lw=1.2, label=lab))
+    ax.set_xscale("log")
+    ticks = [2, 3, 5, 10, 20, 40]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set(xlim=(2, 50), ylim=(-5, 102), xlabel="tau (epochs, log)", ylabel="accuracy (%)",
+           title="host-curve fits vs the surrogate's ranges")
+    ax.legend(fontsize=7, loc="center right")
+
+    q = 100.0 / getattr(res["hosts_config"], "val_size", 256)  # one validation image, pp
+    for col, name in enumerate(controllers[:2], start=1):
+        ax = axes[1, col]
+        sets = [("real", seed_last_contributions(real[name])),
+                ("default surrogate", seed_last_contributions(sur["default"][name])),
+                ("fitted surrogate", seed_last_contributions(sur["fitted"][name]))]
+        k = np.arange(-int(round(4.0 / q)) - 1, int(round(4.0 / q)) + 2)
+        bins = (k + 0.5) * q  # one bin per validation image: the real values are multiples of q
+        for (lab, c), colr in zip(sets, ("C0", "0.4", "C2")):
+            if len(c):
+                ax.hist(np.clip(c, bins[0] + 1e-6, bins[-1] - 1e-6), bins=bins, density=True, histtype="step",
+                        lw=1.5, color=colr, label=f"{lab} (n={len(c)} seeds)")
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set(title=f"{name}: last measured contribution per seed",
+               xlabel="val_acc - acc_without_slot (pp, clipped to +-4)", ylabel="density")
+        if any(len(c) for _, c in sets):
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
