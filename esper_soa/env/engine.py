@@ -19,8 +19,6 @@ Example::
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from tensordict import TensorDict
 
@@ -67,23 +65,16 @@ class Engine:
         self._fresh = as_dict(make_state(cfg, self.device))
         self._state: State = self._fresh
         self.aux = self.dynamics.init_aux(cfg.n_envs, cfg.seed)
-        dyn, tables, opts = self.dynamics, self.tables, cfg.compile_options
-        self._step_fn = partial(core_step.step, advance=dyn.advance, tables=tables, cfg=cfg)
-        if getattr(dyn, "compilable", True):
-            self._reset_fn = partial(
-                core_step.reset, fresh=self._fresh, reset_aux=dyn.reset_aux, advance=dyn.advance, tables=tables, cfg=cfg
-            )
-            if cfg.compile:  # the whole step (and the whole reset) as one graph each
-                self._step_fn = torch.compile(self._step_fn, fullgraph=True, options=opts)
-                self._reset_fn = torch.compile(self._reset_fn, fullgraph=True, options=opts)
-        else:  # an eager host epoch (real hosts): the lifecycle parts compiled around it
+        opts = cfg.compile_options
+        self._step_fn, self._reset_fn = self._step, self._reset
+        if not getattr(self.dynamics, "compilable", True):  # an eager host epoch (real hosts)
             self._reset_fn = self._reset_subset
-            if cfg.compile:
-                self._step_fn = partial(
-                    self._step_fn,
-                    before=torch.compile(core_step.before_host, fullgraph=True, options=opts),
-                    after=torch.compile(core_step.after_host, fullgraph=True, options=opts),
-                )
+            if cfg.compile:  # the lifecycle parts compiled around it
+                self._before = torch.compile(core_step.before_host, fullgraph=True, options=opts)
+                self._after = torch.compile(core_step.after_host, fullgraph=True, options=opts)
+        elif cfg.compile:  # the whole step (and the whole reset) as one graph each
+            self._step_fn = torch.compile(self._step, fullgraph=True, options=opts)
+            self._reset_fn = torch.compile(self._reset, fullgraph=True, options=opts)
         self.masks = compute_masks(self._state, self.tables, cfg)
         self._started = False
 
@@ -149,7 +140,18 @@ class Engine:
         self.episode, self.masks = state["episode"], state["masks"]
         self.base_seed, self._started = state["base_seed"], state["started"]
 
-    # --- driving ---------------------------------------------------------------------------
+    # --- driving: the core's step functions bound to this engine's backend, tables, config ---
+    _before = staticmethod(core_step.before_host)
+    _after = staticmethod(core_step.after_host)
+
+    def _step(self, state: State, aux: dict, action: dict[str, torch.Tensor]) -> tuple[State, dict, dict]:
+        return core_step.step(state, aux, action, self.dynamics.advance, self.tables, self.cfg,
+                              before=self._before, after=self._after)
+
+    def _reset(self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor) -> tuple[State, dict, dict]:
+        return core_step.reset(state, aux, rows, keys, self._fresh, self.dynamics.reset_aux, self.dynamics.advance,
+                               self.tables, self.cfg)
+
     def _reset_subset(
         self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor
     ) -> tuple[State, dict, dict[str, torch.Tensor]]:
