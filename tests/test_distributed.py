@@ -3,14 +3,20 @@ shard-invariant action sampling, and 2-process ``gloo`` runs against one process
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from esper_soa.core.config import EngineConfig
 from esper_soa.env.engine import Engine
+from esper_soa.training.distributed import ProcessGroupComm
+from esper_soa.training.train import TIMING_KEYS, TrainConfig, Trainer, train
 from tests.helpers import random_action
 
 
@@ -61,3 +67,108 @@ def test_env_offset_shards_the_real_hosts() -> None:
 def test_env_offset_is_validated() -> None:
     with pytest.raises(ValueError, match=r"EngineConfig.env_offset: expected an int in \[0, "):
         EngineConfig(env_offset=-1)
+
+
+# --- 2-process gloo runs against one process with all envs ----------------------------------
+WORLD = 2
+UPDATES = 3
+
+
+def _cfg(**overrides) -> TrainConfig:
+    """Tiny run whose update is shard-equivalent: one minibatch per epoch, so the sum of the
+    ranks' gradients is the whole batch's gradient (more minibatches: docs/DISTRIBUTED.md)."""
+    base = dict(
+        engine=EngineConfig(n_envs=8, max_epochs=6, seed=3, validate_actions=False),
+        updates=UPDATES, rollout_len=4, ppo_epochs=2, minibatches=1, hidden=32, progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_state(trainer_or_model) -> dict[str, torch.Tensor]:
+    model = getattr(trainer_or_model, "model", trainer_or_model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, port: int, mode: str, cfg: TrainConfig, out: str) -> None:
+    """One rank: ``train`` = UPDATES updates, recording the model after each and checkpointing
+    after UPDATES - 1; ``resume`` = a fresh process group resuming that checkpoint through ``train``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        comm = ProcessGroupComm()
+        if mode == "train":
+            trainer = Trainer(cfg, comm=comm)
+            record: dict = {"models": [], "rows": []}
+            for update in range(1, UPDATES + 1):
+                record["rows"].append(trainer.step())
+                record["models"].append(_model_state(trainer))
+                if update == UPDATES - 1:
+                    trainer.save(Path(out) / "checkpoint.pt")
+        else:
+            result = train(replace(cfg, log_dir=str(Path(out) / "resumed")), resume=Path(out) / "checkpoint.pt",
+                           comm=comm)
+            record = {"models": [_model_state(result.model)], "rows": result.history}
+        torch.save(record, Path(out) / f"{mode}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(mode: str, cfg: TrainConfig, out: Path) -> list[dict]:
+    mp.spawn(_worker, args=(_free_port(), mode, cfg, str(out)), nprocs=WORLD)
+    return [torch.load(out / f"{mode}{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("ddp")
+    return _spawn("train", _cfg(), out), out
+
+
+def test_ranks_hold_identical_parameters_after_every_update(two_ranks) -> None:
+    (r0, r1), _ = two_ranks
+    assert len(r0["models"]) == UPDATES
+    for a, b in zip(r0["models"], r1["models"]):
+        for key in a:  # parameters and normaliser buffers
+            assert torch.equal(a[key], b[key]), key
+    assert r0["rows"][-1]["update"] == UPDATES
+    assert not torch.equal(r0["models"][0]["heads.logits.weight"], r0["models"][-1]["heads.logits.weight"])
+
+
+def test_two_ranks_match_one_process_with_all_envs(two_ranks) -> None:
+    (r0, _), _ = two_ranks
+    single = Trainer(_cfg())
+    for update in range(UPDATES):
+        row = single.step()
+        theirs = r0["rows"][update]
+        for key, value in row.items():
+            if key in TIMING_KEYS or value is None:
+                assert key in TIMING_KEYS or theirs[key] is None, key
+                continue
+            assert theirs[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        for key, value in _model_state(single).items():
+            torch.testing.assert_close(r0["models"][update][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resume_of_two_ranks_is_exact(two_ranks) -> None:
+    (r0, _), out = two_ranks
+    resumed = _spawn("resume", _cfg(), out)
+    assert [row["update"] for row in resumed[0]["rows"]] == [UPDATES]
+    for record in resumed:
+        for key, value in r0["models"][-1].items():
+            assert torch.equal(record["models"][0][key], value), key
+    straight = {k: v for k, v in r0["rows"][-1].items() if k not in TIMING_KEYS}
+    assert {k: v for k, v in resumed[0]["rows"][0].items() if k not in TIMING_KEYS} == straight
+    assert (out / "resumed" / "checkpoint.pt").is_file()
+
+
+def test_resume_refuses_another_world_size(two_ranks) -> None:
+    _, out = two_ranks
+    with pytest.raises(ValueError, match=r"expected a checkpoint written by 1 process\(es\).*written by 2"):
+        Trainer(_cfg()).load(out / "checkpoint.pt")

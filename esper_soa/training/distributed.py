@@ -149,7 +149,7 @@ class ProcessGroupComm(Comm):
         ddp = DistributedDataParallel(
             loss,
             device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # normaliser buffers are kept equal by the reduced updates
+            forward_sync_buffers=False,  # equal from the same seed and kept equal by the reduced updates
         )
         ddp.register_comm_hook(None, _sum_gradients)
         return ddp
@@ -183,7 +183,7 @@ class ProcessGroupComm(Comm):
         self.dist.barrier()
 
 
-def _sum_gradients(process_group: Any, bucket: Any) -> torch.futures.Future:
+def _sum_gradients(process_group, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations by identity)
     """DDP comm hook: all-reduce a gradient bucket as a *sum* (the default hook averages). Each
     rank's loss is its share of the whole batch's loss, so the sum is the whole batch's gradient."""
     import torch.distributed as dist
