@@ -117,6 +117,9 @@ class Comm:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def close(self) -> None:
+        """Leave the process group (after the last collective)."""
+
 
 class ProcessGroupComm(Comm):
     """:class:`Comm` over the default ``torch.distributed`` process group (``nccl`` on CUDA,
@@ -181,6 +184,10 @@ class ProcessGroupComm(Comm):
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
 
 
 def _sum_gradients(process_group, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations by identity)
