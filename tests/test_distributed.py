@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from esper_soa.core.config import EngineConfig
 from esper_soa.env.engine import Engine
-from esper_soa.training.distributed import ProcessGroupComm
+from esper_soa.training.distributed import Comm, ProcessGroupComm
 from esper_soa.training.train import TIMING_KEYS, TrainConfig, Trainer, train
 from tests.helpers import random_action
 
@@ -67,6 +67,28 @@ def test_env_offset_shards_the_real_hosts() -> None:
 def test_env_offset_is_validated() -> None:
     with pytest.raises(ValueError, match=r"EngineConfig.env_offset: expected an int in \[0, "):
         EngineConfig(env_offset=-1)
+
+
+class _Shard(Comm):
+    """Rank ``rank`` of ``world`` without a process group: enough for collection (no collectives)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+
+def test_trainer_rollouts_of_shards_are_the_whole_rollout() -> None:
+    """Per-env keyed sampling noise: each shard's trainer (other torch RNG draws in between)
+    collects exactly the actions and observations one trainer with all envs collects for them."""
+    cfg = _cfg(rollout_len=8)  # crosses an episode end (6 epochs)
+    whole = Trainer(cfg).collect()
+    parts = []
+    for rank in range(WORLD):
+        trainer = Trainer(cfg, comm=_Shard(rank, WORLD))
+        torch.rand(100 + rank)  # the global generator is not what sampling uses
+        parts.append(trainer.collect())
+    assert whole["next", "done"].any()
+    for key in [("action", "op"), ("action", "slot"), ("action", "blueprint"), "observation", ("next", "reward")]:
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
 
 
 # --- 2-process gloo runs against one process with all envs ----------------------------------
