@@ -133,6 +133,8 @@ def _worker(rank: int, port: int, mode: str, cfg: TrainConfig, out: str) -> None
                 record["models"].append(_model_state(trainer))
                 if update == UPDATES - 1:
                     trainer.save(Path(out) / "checkpoint.pt")
+            early = Trainer(replace(cfg, target_kl=1e-4, ppo_epochs=50, lr=3e-3), comm=comm)
+            record["early_stop"] = (early.step(), _model_state(early))
         else:
             result = train(replace(cfg, log_dir=str(Path(out) / "resumed")), resume=Path(out) / "checkpoint.pt",
                            comm=comm)
@@ -161,6 +163,17 @@ def test_ranks_hold_identical_parameters_after_every_update(two_ranks) -> None:
             assert torch.equal(a[key], b[key]), key
     assert r0["rows"][-1]["update"] == UPDATES
     assert not torch.equal(r0["models"][0]["heads.logits.weight"], r0["models"][-1]["heads.logits.weight"])
+
+
+def test_ranks_stop_the_epochs_early_together(two_ranks) -> None:
+    """The approx-KL of the early stop is global: every rank stops at the same minibatch (a rank
+    stopping alone would leave the other waiting in DDP's all-reduce)."""
+    (r0, r1), _ = two_ranks
+    (row0, model0), (row1, model1) = r0["early_stop"], r1["early_stop"]
+    assert row0["early_stop"] and row0["minibatches"] < 50
+    assert row0["minibatches"] == row1["minibatches"] and row0["approx_kl"] == row1["approx_kl"]
+    for key in model0:
+        assert torch.equal(model0[key], model1[key]), key
 
 
 def test_two_ranks_match_one_process_with_all_envs(two_ranks) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper_soa.agents.policy import RewardNormalizer, RunningMeanStd
+from esper_soa.agents.policy import RewardNormalizer
 from esper_soa.core.config import EngineConfig
 
 SHARD_KEYS = ("engine", "reward_norm", "rng", "carry")  # per-rank parts of a trainer checkpoint
@@ -65,7 +65,7 @@ class Comm:
         """Route the loss's and the normalisers' batch statistics through :meth:`sum` and return
         the callable the PPO update calls for a minibatch's loss (DDP-wrapped when distributed)."""
         for module in (*loss.modules(), *reward_norm.modules()):
-            if isinstance(module, RunningMeanStd) or hasattr(module, "sum_over_shards"):
+            if hasattr(module, "sum_over_shards"):  # the loss, the RunningMeanStd normalisers
                 module.sum_over_shards = self.sum
         return loss
 
