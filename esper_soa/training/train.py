@@ -17,6 +17,9 @@ normaliser's per-env running returns, every torch RNG state, the engine (``_stat
 update after a resume is bit-identical to the uninterrupted run's (engine collector; a TorchRL
 ``Collector`` resets its env when it is built, so that path restores everything but the
 in-flight episodes).
+
+Data-parallel runs (``torchrun``): a ``Comm`` from ``training.distributed`` gives the trainer its
+shard of the envs and the collectives; see docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
