@@ -91,6 +91,22 @@ def test_trainer_rollouts_of_shards_are_the_whole_rollout() -> None:
         assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
 
 
+@pytest.mark.slow
+def test_trainer_collects_on_the_real_hosts_by_shard() -> None:
+    """The trainer's rollout (under no_grad) drives the real hosts, which train with autograd; a
+    shard's rollout equals the whole one's rows (actions exactly, floats to rounding)."""
+    from esper_soa.dynamics.hosts import HostsConfig
+
+    hcfg = HostsConfig(minibatch_size=16, minibatches_per_epoch=2, val_size=64, val_chunk=200, grad_stride=2)
+    engine = EngineConfig(n_envs=4, max_epochs=3, seed=5, dynamics="hosts", dynamics_config=hcfg,
+                          validate_actions=False)
+    cfg = _cfg(engine=engine, rollout_len=4)
+    whole = Trainer(cfg).collect()
+    part = Trainer(cfg, comm=_Shard(1, WORLD)).collect()
+    assert torch.equal(part["action", "op"], whole["action", "op"][2:])
+    torch.testing.assert_close(part["next", "observation"], whole["next", "observation"][2:])
+
+
 # --- 2-process gloo runs against one process with all envs ----------------------------------
 WORLD = 2
 UPDATES = 3
