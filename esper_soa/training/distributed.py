@@ -58,7 +58,7 @@ class Comm:
         return device
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` summed over ranks (a new tensor; ``x`` is left alone)."""
+        """``x`` summed over ranks (one process: ``x`` itself; ``x`` is never changed in place)."""
         return x
 
     def attach(self, loss: nn.Module, reward_norm: RewardNormalizer) -> Callable[..., Any]:
