@@ -174,11 +174,16 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    """PPO on the chosen dynamics, then the held-out table (``evaluation.compare``) and the run's plots."""
+    """PPO on the chosen dynamics, then the held-out table (``evaluation.compare``) and the run's plots.
+    Under ``torchrun`` each process is one rank of a data-parallel run (docs/DISTRIBUTED.md): rank 0
+    prints, logs and writes; the held-out envs are split over the ranks too."""
     from dataclasses import replace
 
-    from esper_soa.training.evaluation import compare
+    from esper_soa.training.distributed import Comm, init_from_env, launched_by_torchrun
+    from esper_soa.training.evaluation import compare, gather_results
     from esper_soa.training.train import TrainConfig, train
+
+    comm = init_from_env(args.device) if launched_by_torchrun() else Comm()
 
     # the policy only ever samples valid actions, so the per-step validation sync is skipped
     engine = replace(engine_config_from_args(args), validate_actions=False)
@@ -198,15 +203,19 @@ def train_command(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every if args.log_dir else 0,
     )
     start = time.perf_counter()
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, comm=comm)
     train_s = time.perf_counter() - start
     seeds = [int(s) for s in args.eval_seeds.split(",")]
     held_out = replace(engine, n_envs=args.eval_envs, compile=False)
+    rows = gather_results(compare(result.model, comm.shard_engine(held_out), seeds), comm)
+    comm.close()
+    if not comm.main:
+        return
     frames = result.history[-1]["frames"] if result.history else 0
     print(f"\ntrained {len(result.history)} updates ({frames:,} frames) in {train_s:.0f} s"
+          + (f" on {comm.world} ranks" if comm.world > 1 else "")
           + (f"; logs and checkpoint in {result.log_dir}" if result.log_dir else ""))
-    print_comparison(compare(result.model, held_out, seeds), held_out, seeds,
-                     result.log_dir / "eval.json" if result.log_dir else None)
+    print_comparison(rows, held_out, seeds, result.log_dir / "eval.json" if result.log_dir else None)
     if result.log_dir is not None and importlib.util.find_spec("matplotlib") is not None:
         plot_command(argparse.Namespace(run=str(result.log_dir), envs=4, seed=seeds[0]))
 

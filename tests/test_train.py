@@ -13,13 +13,8 @@ import torch
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import Op
 from esper_soa.training.evaluation import baseline_factory, evaluate_controller, evaluate_model
-from esper_soa.training.train import (
-    METRICS_DIR,
-    TIMING_KEYS,
-    TrainConfig,
-    Trainer,
-    train,
-)
+from esper_soa.training.run_files import METRICS_DIR
+from esper_soa.training.train import TIMING_KEYS, TrainConfig, Trainer, train
 
 
 def small(**overrides) -> TrainConfig:

@@ -135,10 +135,12 @@ class FactoredMaskedCategorical:
         masks = self.masks_given_op(op)
         return torch.where(masks, scores, neg_inf).argmax(-1)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A hierarchical sample ``[..., H]`` (Gumbel-max: exact, sync-free)."""
-        u = torch.rand(self.logits.shape, generator=generator, device=self.logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+    def sample(self, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """A hierarchical sample ``[..., H]`` (Gumbel-max: exact, sync-free). ``uniform``: the
+        ``[..., H, K]`` uniforms to use instead of ``torch.rand`` (``agents.sampling``)."""
+        if uniform is None:
+            uniform = torch.rand(self.logits.shape, generator=generator, device=self.logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
         return self._draw(gumbel)
 
     def mode(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ so the new log-prob equals the rollout's before the first gradient step. ``GAE``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import GAE
 
-from esper_soa.agents.policy import ActorCritic, stored_action
+from esper_soa.agents.policy import ActorCritic, local_sum, stored_action
 from esper_soa.core.spec import GAMMA, HEAD_NAMES
 
 ENTROPY_MULTIPLIERS = {
@@ -45,10 +45,21 @@ ENTROPY_MULTIPLIERS = {
 GAE_LAMBDA = 0.98
 
 
-def _masked_mean(x: torch.Tensor, weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Mean of ``x`` over ``dim`` where ``weight`` is set (0 when nothing is)."""
+ShardSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _masked_mean(x: torch.Tensor, weight: torch.Tensor, dim: int = 0, shards: ShardSum = local_sum) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``weight`` is set (0 when nothing is). With data-parallel
+    ``shards`` the count is global, so each rank returns its share and the shares sum to the mean."""
     weight = weight.to(x.dtype)
-    return (x * weight).sum(dim) / weight.sum(dim).clamp(min=1.0)
+    return (x * weight).sum(dim) / shards(weight.sum(dim)).clamp(min=1.0)
+
+
+def _variance(x: torch.Tensor, shards: ShardSum) -> torch.Tensor:
+    """Unbiased variance of all elements of ``x`` over every shard (two passes)."""
+    n = shards(torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device))
+    mean = shards(x.sum()) / n
+    return shards((x - mean).square().sum()) / (n - 1).clamp(min=1.0)
 
 
 class FactoredPPOLoss(LossModule):
@@ -62,6 +73,11 @@ class FactoredPPOLoss(LossModule):
     get the loss) and detached diagnostics: ``approx_kl`` (joint, non-forced samples),
     ``clip_fraction`` (over relevant head-samples), ``entropy`` ``[8]`` (normalised, per head),
     ``forced_fraction``, ``explained_variance``.
+
+    Data-parallel training sets ``sum_over_shards`` (an all-reduce sum; identity in one process):
+    advantage normalisation and every diagnostic then use the whole batch, all ranks' shards
+    together, and each rank's three loss terms are its *share* of the global loss, so the sum
+    of the ranks' gradients (DDP with a sum hook) is the gradient of the whole batch's loss.
     """
 
     @dataclass
@@ -106,6 +122,7 @@ class FactoredPPOLoss(LossModule):
         self.advantage_std_floor = advantage_std_floor
         self.gamma = gamma
         self.lmbda = lmbda
+        self.sum_over_shards: ShardSum = local_sum
         coefs = torch.tensor([entropy_coef * multipliers[h] for h in HEAD_NAMES], dtype=torch.float32)
         self.register_buffer("entropy_coefs", coefs)
 
@@ -157,12 +174,14 @@ class FactoredPPOLoss(LossModule):
         advantage = tensordict.get(keys.advantage).reshape(-1)
         target = tensordict.get(keys.value_target).reshape(-1)
         value = value.reshape(-1)
+        shards = self.sum_over_shards
 
         decided = ~forced
         if self.normalize_advantage:
-            mean = _masked_mean(advantage, decided)
-            var = _masked_mean((advantage - mean).square(), decided) * (
-                decided.sum().clamp(min=1) / (decided.sum() - 1).clamp(min=1)
+            n_decided = shards(decided.sum())
+            mean = shards(_masked_mean(advantage, decided, shards=shards))
+            var = shards(_masked_mean((advantage - mean).square(), decided, shards=shards)) * (
+                n_decided.clamp(min=1) / (n_decided - 1).clamp(min=1)
             )
             advantage = (advantage - mean) / var.sqrt().clamp(min=self.advantage_std_floor)
 
@@ -170,9 +189,9 @@ class FactoredPPOLoss(LossModule):
         ratio = log_ratio.exp()
         adv = advantage[:, None]
         surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon) * adv)
-        loss_objective = -_masked_mean(surrogate, relevance).sum()
+        loss_objective = -_masked_mean(surrogate, relevance, shards=shards).sum()
 
-        head_entropy = _masked_mean(entropy, relevance)  # [H]
+        head_entropy = _masked_mean(entropy, relevance, shards=shards)  # [H]
         loss_entropy = -(self.entropy_coefs.to(entropy.dtype) * head_entropy).sum()
 
         weight = torch.where(forced, torch.full_like(value, self.forced_value_weight), torch.ones_like(value))
@@ -180,14 +199,15 @@ class FactoredPPOLoss(LossModule):
         value_norm = self.actor_critic.value_norm
         if value_norm is not None:  # regress in normalised units
             error = error / value_norm.std.to(error.dtype)
-        loss_critic = self.critic_coef * (weight * error.square()).mean()
+        n_samples = shards(torch.tensor(float(value.numel()), dtype=value.dtype, device=value.device))
+        loss_critic = self.critic_coef * (weight * error.square()).sum() / n_samples
 
         with torch.no_grad():
             joint = log_ratio.sum(-1)
-            approx_kl = _masked_mean(joint.exp() - 1 - joint, decided)
+            approx_kl = shards(_masked_mean(joint.exp() - 1 - joint, decided, shards=shards))
             clipped = ((ratio - 1).abs() > self.clip_epsilon) & relevance
-            clip_fraction = clipped.sum() / relevance.sum().clamp(min=1)
-            explained_variance = 1 - (target - value).var() / target.var().clamp(min=1e-8)
+            clip_fraction = shards(clipped.sum()) / shards(relevance.sum()).clamp(min=1)
+            explained_variance = 1 - _variance(target - value, shards) / _variance(target, shards).clamp(min=1e-8)
         return TensorDict(
             {
                 "loss_objective": loss_objective,
@@ -195,8 +215,8 @@ class FactoredPPOLoss(LossModule):
                 "loss_entropy": loss_entropy,
                 "approx_kl": approx_kl,
                 "clip_fraction": clip_fraction,
-                "entropy": head_entropy.detach(),
-                "forced_fraction": forced.float().mean(),
+                "entropy": shards(head_entropy.detach()),
+                "forced_fraction": shards(forced.float().sum()) / n_samples,
                 "explained_variance": explained_variance,
             },
             batch_size=[],

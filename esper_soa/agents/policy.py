@@ -38,6 +38,7 @@ from esper_soa.agents.distribution import (
     stack_action,
     unstack_action,
 )
+from esper_soa.agents.sampling import SAMPLE_KEY, keyed_uniforms
 from esper_soa.core.spec import (
     ACTION_KEYS,
     EMPTY_BLUEPRINT_INDEX,
@@ -53,25 +54,36 @@ RECURRENT_KEYS = ("recurrent_state_h", "recurrent_state_c")
 
 
 # --- normalisers ----------------------------------------------------------------------------
+def local_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a statistic over the data-parallel shards of a one-process run: ``x`` itself
+    (``training.distributed`` swaps in an all-reduce; see ``sum_over_shards``)."""
+    return x
+
+
 class RunningMeanStd(nn.Module):
-    """Running mean / variance over the leading dims (float64 accumulators, Chan's merge)."""
+    """Running mean / variance over the leading dims (float64 accumulators, Chan's merge).
+
+    ``sum_over_shards`` sums a tensor over data-parallel ranks (identity in one process), so every
+    rank folds in the moments of the whole batch, all ranks' shards together."""
 
     def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-8) -> None:
         super().__init__()
         self.epsilon = epsilon
+        self.sum_over_shards = local_sum
         self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold a batch ``[..., *shape]`` into the statistics."""
+        """Fold a batch ``[..., *shape]`` (this rank's shard of it) into the statistics."""
+        shards = self.sum_over_shards
         x = x.detach().to(torch.float64).reshape(-1, *self.mean.shape)
-        n = x.shape[0]
-        if n == 0:
+        n = shards(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        if not bool(n > 0):
             return
-        b_mean = x.mean(0)
-        b_var = x.var(0, unbiased=False)
+        b_mean = shards(x.sum(0)) / n
+        b_var = shards((x - b_mean).square().sum(0)) / n
         total = self.count + n
         delta = b_mean - self.mean
         m2 = self.var * self.count + b_var * n + delta.square() * self.count * n / total
@@ -235,7 +247,8 @@ class FactoredActor(TensorDictModuleBase):
     """Reads padded logits and the env's masks, writes a hierarchical action sample.
 
     Samples unless the exploration type is DETERMINISTIC/MODE (or ``deterministic`` is forced),
-    in which case it takes the greedy hierarchical action. Writes the joint log-prob and the
+    in which case it takes the greedy hierarchical action. A ``sample_key`` input (``[E]`` int64,
+    ``agents.sampling``) makes the sample a function of each env's key instead of ``torch.rand``. Writes the joint log-prob and the
     per-head log-probs: the per-head clipped PPO ratios need the latter.
     """
 
@@ -253,7 +266,9 @@ class FactoredActor(TensorDictModuleBase):
         greedy = self.deterministic
         if greedy is None:
             greedy = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE)
-        action = dist.mode() if greedy else dist.sample()
+        keys = tensordict.get(SAMPLE_KEY, None)  # per-env sampling streams (agents.sampling)
+        uniform = None if keys is None or greedy else keyed_uniforms(keys, dist.logits.shape[-2:])
+        action = dist.mode() if greedy else dist.sample(uniform=uniform)
         head_lp = dist.head_log_prob(action)
         for name, value in unstack_action(action).items():
             tensordict.set(("action", name), value)

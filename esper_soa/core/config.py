@@ -18,6 +18,7 @@ REWARD_MODES = ("committed", "shaped", "sparse", "minimal", "simplified")
 MAX_SLOTS = 16
 DYNAMICS = ("surrogate", "hosts")
 MAX_SEED = 2**63 - 1  # seeds are folded into the RNG as int64
+MAX_ENV_INDEX = 2**62  # env indices are folded into the RNG as int64 (arange must not overflow)
 
 
 def _is_dataclass_instance(value: object) -> bool:
@@ -31,6 +32,9 @@ class EngineConfig:
     ``enabled_slots`` (default: all) lets a config enable a subset of the S slot positions
     (SPEC §1): disabled slots stay DORMANT, are masked for every op, and count in S.
     ``max_seeds`` caps the number of slots holding a seed at once (0 = no cap).
+    ``env_offset`` is the global index of env 0: every per-env random stream is keyed by
+    ``env_offset + e``, so a data-parallel rank owning envs ``[k, k + n_envs)`` of a larger run
+    (``env_offset=k``) draws exactly what a single process with all the envs draws for them.
     ``threads`` is the number of OpenMP threads inside the compiled CPU step (0 =
     ``torch.get_num_threads()`` when the engine is built). Inductor bakes it into the kernels at
     compile time; the default 1 has no parallel regions, so no barrier waits for a thread that
@@ -38,6 +42,7 @@ class EngineConfig:
     """
 
     n_envs: int = 8
+    env_offset: int = 0
     n_slots: int = 3
     topology: str = "cnn"
     max_epochs: int = 150
@@ -64,6 +69,7 @@ class EngineConfig:
             object.__setattr__(self, name, expect_int(f"EngineConfig.{name}", getattr(self, name), low, high))
 
         setint("n_envs", 1)
+        setint("env_offset", 0, MAX_ENV_INDEX + 1 - self.n_envs)
         setint("n_slots", 1, MAX_SLOTS)
         expect_choice("EngineConfig.topology", self.topology, tuple(TOPOLOGY_BLUEPRINTS))
         setint("max_epochs", 1)

@@ -60,7 +60,7 @@ class Engine:
         if getattr(self.dynamics, "seed_params_table", None) is not None:
             self.tables.blueprint_params = self.dynamics.seed_params_table.to(self.device, torch.float32)
         self.base_seed = cfg.seed
-        self.env_index = torch.arange(cfg.n_envs, device=self.device)
+        self.env_index = torch.arange(cfg.env_offset, cfg.env_offset + cfg.n_envs, device=self.device)
         self.episode = torch.zeros(cfg.n_envs, dtype=torch.int64, device=self.device)
         self._fresh = as_dict(make_state(cfg, self.device))
         self._state: State = self._fresh

@@ -31,6 +31,7 @@ from esper_soa.core.config import EngineConfig
 from esper_soa.core.reward import committed_gain, fossil_params
 from esper_soa.core.spec import Stage
 from esper_soa.env.esper_env import EsperEnv
+from esper_soa.training.distributed import Comm
 
 BASELINES = ("heuristic", "random", "wait")
 COLUMNS = {  # key -> table header
@@ -201,6 +202,21 @@ def compare(model: Any | None, cfg: EngineConfig, seeds: Sequence[int],
         rows += [evaluate_model(model, cfg, seeds, greedy=True), evaluate_model(model, cfg, seeds, greedy=False)]
     rows += [evaluate_controller(b, baseline_factory(b), cfg, seeds) for b in baselines]
     return rows
+
+
+def gather_results(rows: Sequence[EvalResult], comm: Comm) -> list[EvalResult] | None:
+    """The table's rows over every rank's shard of the eval envs, on rank 0 (None elsewhere): the
+    per-episode outcomes are concatenated, so means and standard errors are over all episodes."""
+    local = [replace(r, outcomes={k: v.cpu() for k, v in r.outcomes.items()}, trace=None) for r in rows]
+    gathered = comm.gather_objects(local)
+    if gathered is None:
+        return None
+    merged = []
+    for i, first in enumerate(rows):  # rank order; the table's means and errors ignore the order
+        parts = [g[i] for g in gathered]
+        outcomes = {k: torch.cat([p.outcomes[k] for p in parts]) for k in first.outcomes}
+        merged.append(EvalResult(first.name, outcomes, max(p.seconds for p in parts), first.trace))
+    return merged
 
 
 def format_table(rows: Sequence[EvalResult]) -> str:

@@ -35,7 +35,7 @@ OP_MARKERS = {Op.GERMINATE: "^", Op.SET_ALPHA_TARGET: "o", Op.PRUNE: "X", Op.FOS
 
 def read_scalars(run: Path) -> dict[str, tuple[list[float], list[float]]]:
     """``name -> (frames, values)`` from the run's TorchRL CSV logger."""
-    from esper_soa.training.train import METRICS_DIR
+    from esper_soa.training.run_files import METRICS_DIR
 
     folder = Path(run) / METRICS_DIR / "scalars"
     if not folder.is_dir():

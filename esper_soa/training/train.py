@@ -17,6 +17,9 @@ normaliser's per-env running returns, every torch RNG state, the engine (``_stat
 update after a resume is bit-identical to the uninterrupted run's (engine collector; a TorchRL
 ``Collector`` resets its env when it is built, so that path restores everything but the
 in-flight episodes).
+
+Data-parallel runs (``torchrun``): a ``Comm`` from ``training.distributed`` gives the trainer its
+shard of the envs and the collectives; see docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm
 
 from esper_soa.agents.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLoss
 from esper_soa.agents.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
+from esper_soa.agents.sampling import SAMPLE_KEY, env_keys, step_keys
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import GAMMA, HEAD_NAMES, MASK_KEYS, OUTCOME_KEYS, Op
 from esper_soa.core.validation import (
@@ -48,6 +52,8 @@ from esper_soa.core.validation import (
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.env.engine import Engine
 from esper_soa.env.esper_env import EsperEnv
+from esper_soa.training.distributed import Comm
+from esper_soa.training.run_files import METRICS_DIR, atomic_save, log_row, run_loggers, trim_scalars
 
 COLLECTORS = ("engine", "torchrl")
 TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
@@ -236,30 +242,39 @@ def _scalar(x: torch.Tensor | float | int | bool) -> float | int | bool | None:
 class Trainer:
     """One PPO run: owns the engine (or TorchRL env + Collector), the model, the loss, the
     optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``.
-    ``dynamics`` overrides the backend ``cfg.engine`` names (e.g. a fault-injecting wrapper)."""
+    ``dynamics`` overrides the backend ``cfg.engine`` names (e.g. a fault-injecting wrapper).
+    ``comm``: this process's part of a data-parallel run (``training.distributed``; default: the
+    whole run in this process); the trainer then owns ``cfg.engine.n_envs / world`` of the envs."""
 
-    def __init__(self, cfg: TrainConfig, dynamics: DynamicsBackend | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, dynamics: DynamicsBackend | None = None, comm: Comm | None = None) -> None:
         self.cfg = cfg
-        self.device = cfg.engine.torch_device
+        self.comm = comm if comm is not None else Comm()
+        if self.comm.world > 1 and cfg.collector != "engine":
+            raise ValueError(f"TrainConfig.collector: expected 'engine' for data-parallel training (world size "
+                             f"{self.comm.world}), got {cfg.collector!r}")
+        engine_cfg = self.comm.shard_engine(cfg.engine)  # this process's envs
+        self.device = engine_cfg.torch_device
         torch.manual_seed(cfg.seed)
         self.model = make_model(cfg).to(self.device)
         self.loss = make_loss(cfg, self.model).to(self.device)
         self.optim = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-        self.reward_norm = RewardNormalizer(cfg.engine.n_envs, cfg.gamma, cfg.reward_clip, cfg.normalize_reward)
+        self.reward_norm = RewardNormalizer(engine_cfg.n_envs, cfg.gamma, cfg.reward_clip, cfg.normalize_reward)
         self.reward_norm.to(self.device)
-        self.batch_size = torch.Size([cfg.engine.n_envs])
+        self.loss_fn = self.comm.attach(self.loss, self.reward_norm)  # what a minibatch's loss calls
+        self.batch_size = torch.Size([engine_cfg.n_envs])
         self.update_index = 0
         self.frames = 0
         self._carry: TensorDict | None = None  # policy inputs of the next step (engine path)
         self._collector = None
         if cfg.collector == "engine":
-            self.engine = Engine(cfg.engine, dynamics)
+            self.engine = Engine(engine_cfg, dynamics)
             self.loss.make_value_estimator(value_network=None)  # values come with the rollout
         else:
-            env = EsperEnv(cfg.engine, dynamics)
+            env = EsperEnv(engine_cfg, dynamics)
             self.engine = env.engine
             self.env = TransformedEnv(env, Compose(RewardSum(), *self.model.env_transforms()))
             self.loss.make_value_estimator()
+        self._sample_keys = env_keys(cfg.seed, self.engine.env_index)  # shard-invariant sampling noise
 
     # --- collection -------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,7 +286,8 @@ class Trainer:
         if self._carry is None:
             self._carry = self._fresh_carry(engine.reset())
         steps = []
-        for _ in range(self.cfg.steps_per_update):
+        for t in range(self.cfg.steps_per_update):
+            self._carry.set(SAMPLE_KEY, step_keys(self._sample_keys, self.update_index * self.cfg.steps_per_update + t))
             td = self.model.act(self._carry)
             out = engine.step({h: td.get(("action", h)) for h in HEAD_NAMES})
             done = out.get("done")
@@ -300,7 +316,7 @@ class Trainer:
     def _fresh_carry(self, out: TensorDictBase) -> TensorDict:
         carry = _observation_td(out, self.batch_size)
         if self.model.lstm is not None:
-            carry.update(self.model.initial_state(self.cfg.engine.n_envs, self.device))
+            carry.update(self.model.initial_state(self.batch_size[0], self.device))
             carry.set("is_init", torch.ones(*self.batch_size, 1, dtype=torch.bool, device=self.device))
         return carry
 
@@ -349,7 +365,7 @@ class Trainer:
         for _ in range(cfg.ppo_epochs):
             shuffled = data[torch.randperm(n, device=self.device)]  # one gather per epoch; minibatches are views
             for start in range(0, n, size):
-                out = self.loss(shuffled[start : start + size])
+                out = self.loss_fn(shuffled[start : start + size])
                 if cfg.target_kl is not None and float(out["approx_kl"]) > cfg.target_kl:
                     early_stop = True
                     if not sums:  # nothing applied: report the minibatch that stopped it
@@ -368,6 +384,8 @@ class Trainer:
             if early_stop:
                 break
         metrics = {k: v / max(done_minibatches, 1) for k, v in sums.items()}
+        shares = self.comm.sum(torch.stack([metrics[k] for k in self.loss.out_keys]))  # ranks' loss shares
+        metrics.update({k: shares[i] for i, k in enumerate(self.loss.out_keys)})
         entropy = metrics.pop("entropy")
         metrics.update({f"entropy_{h}": entropy[i] for i, h in enumerate(HEAD_NAMES)})
         metrics["minibatches"] = torch.tensor(done_minibatches)
@@ -383,17 +401,18 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.collect()
         t1 = time.perf_counter()
-        stats = rollout_summary(batch, self.cfg.engine.n_slots, self.cfg.engine.max_epochs)
+        stats = self.comm.rollout_stats(rollout_summary(batch, self.cfg.engine.n_slots, self.cfg.engine.max_epochs))
         self.advantages(batch)
         metrics = self.update(batch)
         t2 = time.perf_counter()
         self.update_index += 1
-        self.frames += batch.numel()
+        frames = batch.numel() * self.comm.world  # the run's frames (equal shards)
+        self.frames += frames
         row: dict[str, Any] = {"update": self.update_index, "frames": self.frames}
         row.update({k: _scalar(v) for k, v in stats.items()})
         row.update({k: _scalar(v) for k, v in metrics.items()})
         row["reward_scale"] = _scalar(self.reward_norm.returns.std.float())
-        row.update(sps=batch.numel() / (t2 - t0), collect_s=t1 - t0, update_s=t2 - t1, time_s=t2 - t0)
+        row.update(sps=frames / (t2 - t0), collect_s=t1 - t0, update_s=t2 - t1, time_s=t2 - t0)
         return row
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -437,21 +456,14 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temp file, flushed and fsynced, then renamed over ``path`` (and the
-        directory fsynced), so a crash leaves the old checkpoint or the new one, never a torn one;
-        the temp file is removed if writing fails."""
+        """Write atomically (``run_files.atomic_save``: a crash leaves the old checkpoint or the new
+        one, never a torn one). Data-parallel: a collective; rank 0 writes every rank's shard
+        (``Comm.gather_checkpoint``), the others wait until the file is in place."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        state = self.comm.gather_checkpoint(self.state_dict())
+        if state is not None:
+            atomic_save(state, path)
+        self.comm.barrier()
         return path
 
     def load(self, path: str | Path) -> None:
@@ -468,19 +480,21 @@ class Trainer:
                 f"resume: expected a checkpoint written by Trainer.save, got an unreadable file {str(path)!r} "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        self.load_state_dict(state)
+        self.load_state_dict(self.comm.split_checkpoint(state))
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
         log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else None
-        if log_dir is not None:  # a crash mid-save leaves a temp file; a resume, logged steps past its checkpoint
+        main = self.comm.main  # the one process that writes into log_dir
+        if log_dir is not None and main:  # a crash mid-save leaves a temp file; a resume, logged steps past its checkpoint
             (log_dir / "checkpoint.tmp").unlink(missing_ok=True)
             trim_scalars(log_dir / METRICS_DIR / "scalars", self.frames)
-        loggers = run_loggers(log_dir) if log_dir is not None else []
+        loggers = run_loggers(log_dir) if log_dir is not None and main else []
         checkpoint = None
         history = []
-        bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not cfg.progress, desc="PPO", unit="upd")
+        bar = tqdm(total=cfg.updates, initial=self.update_index, disable=not (cfg.progress and main), desc="PPO",
+                   unit="upd")
         try:
             while self.update_index < cfg.updates:
                 row = self.step()
@@ -508,66 +522,6 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-METRICS_DIR = "metrics"  # TorchRL CSVLogger experiment: LOG_DIR/metrics/scalars/<name>.csv ("frames,value")
-
-
-def run_loggers(log_dir: Path) -> list[Any]:
-    """TorchRL loggers of a run: CSV (always; what ``esper-soa plot`` reads) and TensorBoard
-    (``LOG_DIR/tensorboard``) when the ``tensorboard`` package is installed."""
-    import importlib.util
-
-    from torchrl.record.loggers import CSVLogger
-
-    loggers: list[Any] = [CSVLogger(METRICS_DIR, log_dir=str(log_dir))]
-    if importlib.util.find_spec("tensorboard") is not None:
-        from torchrl.record.loggers import TensorboardLogger
-
-        loggers.append(TensorboardLogger("tensorboard", log_dir=str(log_dir)))
-    return loggers
-
-
-def log_row(loggers: Sequence[Any], row: Mapping[str, Any]) -> None:
-    """Every numeric metric of one update, against the frames seen so far (None = undefined, skipped)."""
-    step = int(row["frames"])
-    for name, value in row.items():
-        if value is not None and name != "frames":
-            for logger in loggers:
-                logger.log_scalar(name, float(value), step=step)
-
-
-def trim_scalars(scalars_dir: Path, last_step: int) -> None:
-    """Cut every CSV scalar log (TorchRL ``CSVLogger``: ``step,value`` lines, step = frames) back
-    to the steps ``<= last_step`` (the checkpoint being resumed), so a resumed run's logs equal an
-    uninterrupted run's even when the killed run logged updates after its last checkpoint. A torn
-    last line (a kill mid-write) goes too; each file is rewritten atomically, and only if it
-    changes. (TensorBoard event files are append-only and are not trimmed.)"""
-    for path in sorted(scalars_dir.glob("*.csv")) if scalars_dir.is_dir() else ():
-        text = path.read_text()
-        keep = []
-        for line in text.splitlines(keepends=True):
-            try:
-                if line.endswith("\n") and int(line.split(",", 1)[0]) <= last_step:
-                    keep.append(line)
-            except ValueError:
-                pass  # not a complete row
-        if "".join(keep) != text:
-            tmp = path.with_suffix(".csv.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(field, saved, now)`` for every field that differs (engine fields as ``engine.<name>``),
     ignoring the ones a resume may change (``updates``, ``log_dir``, ``checkpoint_every``, ``progress``,
@@ -587,10 +541,12 @@ def _config_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple
 
 
 def train(
-    cfg: TrainConfig, resume: str | Path | None = None, dynamics: DynamicsBackend | None = None
+    cfg: TrainConfig, resume: str | Path | None = None, dynamics: DynamicsBackend | None = None,
+    comm: Comm | None = None,
 ) -> TrainResult:
-    """Train (or resume from a checkpoint) until ``cfg.updates`` updates are done."""
-    trainer = Trainer(cfg, dynamics)
+    """Train (or resume from a checkpoint) until ``cfg.updates`` updates are done (``comm``: as
+    one rank of a data-parallel run, see ``training.distributed``)."""
+    trainer = Trainer(cfg, dynamics, comm)
     if resume is not None:
         trainer.load(resume)
     return trainer.run()

@@ -423,6 +423,7 @@ class BatchedHostsDynamics:
             return self._assemble(plan, logits, tab)[sum(1 << s for s in off)].transpose(0, 1)
 
     # ------------------------------------------------------------------ one epoch
+    @torch.enable_grad()  # the hosts train with autograd even when the caller (a rollout) runs under no_grad
     def train_epoch(
         self, state: State, aux: dict, tab: _SlotTable | None = None
     ) -> tuple[dict, dict[str, torch.Tensor]]:
