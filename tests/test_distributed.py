@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,9 @@ def _worker(rank: int, port: int, mode: str, cfg: TrainConfig, out: str) -> None
     """One rank: ``train`` = UPDATES updates, recording the model after each and checkpointing
     after UPDATES - 1; ``resume`` = a fresh process group resuming that checkpoint through ``train``."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a bounded collective timeout: a rank that stops calling collectives fails the test, not hangs CI
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=240))
     try:
         comm = ProcessGroupComm()
         if mode == "train":
