@@ -83,8 +83,8 @@ def engine_section(device: torch.device, sizes: list[int], rounds: int) -> dict:
     # the "before": the per-env reference loop on this machine's CPU, at the smallest size
     n_envs = sizes[0]
     engine, actions = warm_engine(n_envs, compile=False)
-    metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
-    run, setup = reference_round(engine.cfg, engine._state, actions[0], metrics)
+    metrics, _ = engine.dynamics.advance(engine.lifecycle_state, engine.aux)
+    run, setup = reference_round(engine.cfg, engine.lifecycle_state, actions[0], metrics)
     times = []
     for _ in range(6):  # as the benches: each round from the same state, GC on, mean of 6
         setup()

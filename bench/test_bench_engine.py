@@ -47,8 +47,8 @@ def state_bytes_per_env(engine: Engine) -> float:
 def test_full_step(benchmark, results, variant: str, n_envs: int) -> None:
     if variant == "reference":
         engine, actions = warm_engine(n_envs, compile=False)
-        metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
-        bench_reference(benchmark, results, engine.cfg, engine._state, actions[0], metrics, 1 if n_envs > 4096 else 6)
+        metrics, _ = engine.dynamics.advance(engine.lifecycle_state, engine.aux)
+        bench_reference(benchmark, results, engine.cfg, engine.lifecycle_state, actions[0], metrics, 1 if n_envs > 4096 else 6)
     else:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         engine, actions = warm_engine(n_envs, compile=variant == "compiled")

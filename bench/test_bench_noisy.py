@@ -44,8 +44,8 @@ def test_full_step_with_neighbours(benchmark, results, load: int, variant: str, 
     out = loaded(results, load)
     with neighbours(load):
         if variant == "reference":
-            metrics, _ = engine.dynamics.advance(engine._state, engine.aux)
-            bench_reference(benchmark, out, engine.cfg, engine._state, actions[0], metrics, 1 if n_envs > 4096 else 4)
+            metrics, _ = engine.dynamics.advance(engine.lifecycle_state, engine.aux)
+            bench_reference(benchmark, out, engine.cfg, engine.lifecycle_state, actions[0], metrics, 1 if n_envs > 4096 else 4)
         else:
             it = iter(range(10**9))
             benchmark.pedantic(lambda: engine.step(actions[next(it) % 8]), rounds=10, iterations=1, warmup_rounds=1)

@@ -97,7 +97,7 @@ def test_real_non_finite_metrics_are_guarded() -> None:
     wrapper = FaultInjectingDynamics(inner, E, [])
     engine = Engine(CFG, wrapper)
     engine.reset()
-    metrics, _ = inner.advance(engine._state, {k: v for k, v in engine.aux.items() if k != CLOCK})
+    metrics, _ = inner.advance(engine.lifecycle_state, {k: v for k, v in engine.aux.items() if k != CLOCK})
     metrics = dict(metrics)
     metrics["gradient_norm"] = metrics["gradient_norm"].clone()
     metrics["gradient_norm"][2, 0] = math.inf

@@ -79,7 +79,7 @@ def run(
                 if r:
                     ref.reset()
         state = export(engine)
-        action = ctrl.act(engine._state, engine.masks)
+        action = ctrl.act(engine.lifecycle_state, engine.masks)
         validate_action(action, engine.masks, cfg)
         for name in HEAD_NAMES:
             assert action[name].dtype == torch.int64 and action[name].shape == (n_envs,)
@@ -394,7 +394,7 @@ def test_reset_clears_only_selected_rows() -> None:
     engine.reset()
     ctrl = HeuristicController(cfg, HeuristicConfig(blueprint_penalty_decay=1.0))
     for _ in range(45):
-        engine.step(ctrl.act(engine._state, engine.masks))
+        engine.step(ctrl.act(engine.lifecycle_state, engine.masks))
     assert (ctrl.memory["rotation_index"] > 0).any() and ctrl.memory["has_prev"].all()
     ctrl.memory["penalty"] = ctrl.memory["penalty"] + torch.rand(6, 13) + 0.1  # make every row differ
     before = {k: v.clone() for k, v in ctrl.memory.items()}
@@ -420,8 +420,8 @@ def test_step_compiles_fullgraph() -> None:
     compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND)
     mem_e = mem_c = initial_memory(cfg.n_envs, "cpu")
     for _ in range(25):
-        a_e, mem_e = step(mem_e, engine._state, engine.masks)
-        a_c, mem_c = compiled(mem_c, engine._state, engine.masks)
+        a_e, mem_e = step(mem_e, engine.lifecycle_state, engine.masks)
+        a_c, mem_c = compiled(mem_c, engine.lifecycle_state, engine.masks)
         for name in HEAD_NAMES:
             assert torch.equal(a_e[name], a_c[name]), name
         for k in mem_e:

@@ -61,7 +61,7 @@ class HeuristicPolicy(TensorDictModuleBase):
         self.controller = HeuristicController(env.cfg, hcfg)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        state = self.engine.state
+        state = self.engine.lifecycle_state
         self.controller.reset(state["epoch"] == 0)
         masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
         for name, value in self.controller.act(state, masks).items():
@@ -86,7 +86,7 @@ class ScriptedPolicy(TensorDictModuleBase):
         if self.acfg is None:
             action = wait_action(masks)
         else:
-            action = adversary_step(self.engine.state.to_dict(), masks, self.acfg, self.cfg)
+            action = adversary_step(self.engine.lifecycle_state, masks, self.acfg, self.cfg)
         for name, value in action.items():
             tensordict.set(("action", name), value)
         return tensordict

@@ -84,6 +84,12 @@ class Engine:
         """The lifecycle state as a TensorDict ``[E]`` with nested ``slots`` ``[E, S]`` (no copy)."""
         return from_dict(self._state, self.cfg.n_envs, self.cfg.n_slots, self.device)
 
+    @property
+    def lifecycle_state(self) -> State:
+        """The state as the step functions hold it (nested dict, int32 flags, no copy): what
+        controllers that read the lifecycle directly (the heuristic, scripted probes) take."""
+        return self._state
+
     def set_seed(self, seed: int) -> None:
         """Restart every env's random streams from ``seed`` (takes effect at the next reset)."""
         self.base_seed = expect_int("Engine.set_seed(seed)", seed, 0, MAX_SEED)
