@@ -163,6 +163,16 @@ class EsperEnv(EnvBase):
         cfg: engine configuration (n_envs, slots, topology, device, seed, compile, ...).
         dynamics: optional backend instance overriding ``cfg.dynamics``.
         **overrides: fields of :class:`EngineConfig` to replace in ``cfg``.
+
+    Example::
+
+        from torchrl.envs.utils import check_env_specs
+        from esper_soa import EsperEnv, EngineConfig
+
+        env = EsperEnv(EngineConfig(n_envs=256, seed=0))
+        check_env_specs(env)
+        td = env.rollout(150, auto_reset=True)  # [256, 150], random mask-respecting actions
+        td["next", "reward"].sum(1).mean(), td["next", "committed_gain"][:, -1].mean()  # return, J
     """
 
     def __init__(

@@ -244,7 +244,17 @@ class Trainer:
     optimiser and the reward normaliser. ``run`` performs updates until ``cfg.updates``.
     ``dynamics`` overrides the backend ``cfg.engine`` names (e.g. a fault-injecting wrapper).
     ``comm``: this process's part of a data-parallel run (``training.distributed``; default: the
-    whole run in this process); the trainer then owns ``cfg.engine.n_envs / world`` of the envs."""
+    whole run in this process); the trainer then owns ``cfg.engine.n_envs / world`` of the envs.
+
+    Example::
+
+        from esper_soa import EngineConfig
+        from esper_soa.training.train import TrainConfig, Trainer
+
+        trainer = Trainer(TrainConfig(engine=EngineConfig(n_envs=128, max_epochs=150), updates=30))
+        row = trainer.step()          # one update: collect [128, T], GAE, PPO; metrics incl. j_final
+        trainer.save("run/checkpoint.pt"); result = trainer.run()
+    """
 
     def __init__(self, cfg: TrainConfig, dynamics: DynamicsBackend | None = None, comm: Comm | None = None) -> None:
         self.cfg = cfg
