@@ -136,7 +136,7 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (tensors are taken as they are, on this engine's device)."""
-        missing = {"state", "aux", "episode", "masks", "base_seed", "started"} - set(state)
+        missing = set(self.state_dict()) - set(state)
         if missing:
             raise ValueError(f"Engine.load_state_dict: expected the keys of Engine.state_dict(), missing {sorted(missing)}")
         n = state["episode"].shape

@@ -12,8 +12,8 @@ time limit is part of the MDP: GAE treats ``truncated`` as terminal instead of b
 from a value the critic never learns (the post-horizon state is never a decision state).
 
 Exact resume: a checkpoint holds the model (normalisers included), the optimiser, the reward
-normaliser's per-env running returns, every torch RNG state, the engine (``_state``, ``aux``,
-``episode``, ``masks``, ``base_seed``) and the carried observation / recurrent state, so the
+normaliser's per-env running returns, every torch RNG state, the engine (``Engine.state_dict``:
+lifecycle state, backend state, episode counters, masks) and the carried observation / recurrent state, so the
 update after a resume is bit-identical to the uninterrupted run's (engine collector; a TorchRL
 ``Collector`` resets its env when it is built, so that path restores everything but the
 in-flight episodes).
@@ -208,7 +208,7 @@ def _observation_td(out: TensorDictBase, batch_size: torch.Size) -> TensorDict:
     )
 
 
-def rollout_summary(batch: TensorDictBase, n_slots: int, max_epochs: int) -> dict[str, torch.Tensor]:
+def rollout_summary(batch: TensorDictBase, max_epochs: int) -> dict[str, torch.Tensor]:
     """Episode and op statistics of an ``[E, T]`` rollout, as tensors (one host sync later).
 
     Returns and final states are those of the episodes that ended inside the rollout; op
@@ -411,7 +411,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.collect()
         t1 = time.perf_counter()
-        stats = self.comm.rollout_stats(rollout_summary(batch, self.cfg.engine.n_slots, self.cfg.engine.max_epochs))
+        stats = self.comm.rollout_stats(rollout_summary(batch, self.cfg.engine.max_epochs))
         self.advantages(batch)
         metrics = self.update(batch)
         t2 = time.perf_counter()
