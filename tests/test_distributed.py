@@ -4,6 +4,7 @@ shard-invariant action sampling, and 2-process ``gloo`` runs against one process
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -158,14 +159,33 @@ def _worker(rank: int, port: int, mode: str, cfg: TrainConfig, out: str) -> None
             result = train(replace(cfg, log_dir=str(Path(out) / "resumed")), resume=Path(out) / "checkpoint.pt",
                            comm=comm)
             record = {"models": [_model_state(result.model)], "rows": result.history}
-        torch.save(record, Path(out) / f"{mode}{rank}.pt")
+        tmp = Path(out) / f"{mode}{rank}.tmp"
+        torch.save(record, tmp)
+        tmp.replace(Path(out) / f"{mode}{rank}.pt")  # complete when it appears (see _spawn)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(mode: str, cfg: TrainConfig, out: Path) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), mode, cfg, str(out)), nprocs=WORLD)
-    return [torch.load(out / f"{mode}{r}.pt", weights_only=False) for r in range(WORLD)]
+def _spawn(mode: str, cfg: TrainConfig, out: Path, timeout_s: float = 600.0, teardown_s: float = 30.0) -> list[dict]:
+    """Run WORLD ranks; their results once every rank has written its file. A rank that wrote its
+    result but has not exited ``teardown_s`` later is stopped (twice on the loaded 2-core VM one
+    rank never exited after the run, cause not found); no result within ``timeout_s`` fails."""
+    files = [out / f"{mode}{r}.pt" for r in range(WORLD)]
+    ctx = mp.start_processes(_worker, args=(_free_port(), mode, cfg, str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    start, written = time.monotonic(), None
+    while not ctx.join(timeout=1):  # raises if a rank fails
+        if written is None and all(f.exists() for f in files):
+            written = time.monotonic()
+        if written is not None and time.monotonic() - written > teardown_s:
+            for process in ctx.processes:
+                process.terminate()
+            break
+        if written is None and time.monotonic() - start > timeout_s:
+            for process in ctx.processes:
+                process.terminate()
+            pytest.fail(f"{mode}: expected every rank's result within {timeout_s:.0f} s, got {[f.name for f in files if f.exists()]}")
+    return [torch.load(f, weights_only=False) for f in files]
 
 
 @pytest.fixture(scope="module")
