@@ -31,13 +31,7 @@ from torchrl.envs import InitTracker
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import LSTMModule, set_recurrent_mode
 
-from esper_soa.agents.distribution import (
-    N_HEADS,
-    FactoredMaskedCategorical,
-    pad_head_masks,
-    stack_action,
-    unstack_action,
-)
+from esper_soa.agents.distribution import N_HEADS, FactoredMaskedCategorical
 from esper_soa.core.spec import (
     ACTION_KEYS,
     EMPTY_BLUEPRINT_INDEX,
@@ -47,6 +41,8 @@ from esper_soa.core.spec import (
     OBS_SLOT,
     Blueprint,
     head_sizes,
+    stack_action,
+    unstack_action,
 )
 
 RECURRENT_KEYS = ("recurrent_state_h", "recurrent_state_c")
@@ -236,7 +232,9 @@ class FactoredActor(TensorDictModuleBase):
 
     Samples unless the exploration type is DETERMINISTIC/MODE (or ``deterministic`` is forced),
     in which case it takes the greedy hierarchical action. Writes the joint log-prob and the
-    per-head log-probs: the per-head clipped PPO ratios need the latter.
+    per-head log-probs: the per-head clipped PPO ratios need the latter. The action is drawn as
+    one ``[..., 8]`` tensor; its ``("action", head)`` entries (EsperEnv's action keys) are column
+    views of it, not copies.
     """
 
     def __init__(self) -> None:
@@ -266,8 +264,7 @@ def distribution_from(tensordict: TensorDictBase, logits: torch.Tensor | None = 
     """The action distribution for the ``masks`` of a tensordict and its ``logits`` (or the
     ``logits`` given)."""
     logits = tensordict.get("logits") if logits is None else logits
-    masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
-    return FactoredMaskedCategorical(logits, pad_head_masks(masks, logits.shape[-1]), masks["slot_by_op"])
+    return FactoredMaskedCategorical(logits, tensordict.get(("masks", "head")), tensordict.get(("masks", "slot_by_op")))
 
 
 def stored_action(tensordict: TensorDictBase, key: str | tuple = "action") -> torch.Tensor:

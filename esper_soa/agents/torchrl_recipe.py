@@ -32,6 +32,7 @@ from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from esper_soa.core.masks import head_views
 from esper_soa.core.spec import ACTION_KEYS, GAMMA, HEAD_NAMES, head_sizes
 from esper_soa.env.esper_env import EsperEnv
 
@@ -110,8 +111,9 @@ class EsperActionDistribution(CompositeDistribution):
         log_prob_key: NestedKey | None = None,
         entropy_key: NestedKey | None = None,
     ) -> None:
+        per_head = head_views(masks)  # zero-copy [..., n_head] views of masks["head"]
         dists: dict[NestedKey, D.Distribution] = {
-            ("action", h): (OpHead if h == "op" else MaskedCategorical)(logits=params.get(h), mask=masks.get(h))
+            ("action", h): (OpHead if h == "op" else MaskedCategorical)(logits=params.get(h), mask=per_head[h])
             for h in HEAD_NAMES
             if h != "slot"
         }

@@ -40,18 +40,18 @@ def act(
 
 
 def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
-    """Observation, blueprint indices and masks for the next decision; the masks as uint8 0/1
-    flags (``masks.mask_flags``), which the engine turns into bool views after the graph. Also the
+    """Observation, blueprint indices and masks for the next decision; ``masks`` is
+    ``{"head": [E, 8, K], "slot_by_op": [E, 6, S]}`` as uint8 0/1 flags (``masks.mask_flags``),
+    which the engine turns into bool views after the graph. Also the
     real objective of the state reached (``committed_gain`` J in pp, ``acc_committed``), for
     evaluation: policies do not read them."""
     obs, blueprint_index = observe(state, tables, cfg)
-    masks = mask_flags(state, tables, cfg)
     return {
         "observation": obs,
         "blueprint_index": blueprint_index,
         "committed_gain": committed_gain(state),
         "acc_committed": state["acc_committed"],
-        **{f"mask_{k}": v for k, v in masks.items()},
+        "masks": mask_flags(state, tables, cfg),
     }
 
 

@@ -15,7 +15,7 @@ from tensordict import TensorDict
 from esper_soa.core.alpha import hold_at
 from esper_soa.core.config import MAX_SEED, EngineConfig
 from esper_soa.core.lifecycle import copy_state, move, record_epoch
-from esper_soa.core.masks import compute_masks
+from esper_soa.core.masks import as_bool, compute_masks
 from esper_soa.core.reward import compute_reward, settlement
 from esper_soa.core.rng import episode_seed
 from esper_soa.core.spec import HEAD_NAMES, PRUNABLE_STAGES, SpecTables, Stage, stage_in
@@ -98,6 +98,12 @@ class Engine:
         """The lifecycle state as a TensorDict ``[E]`` with nested ``slots`` ``[E, S]`` (no copy)."""
         return from_dict(self._state, self.cfg.n_envs, self.cfg.n_slots, self.device)
 
+    @property
+    def lifecycle_state(self) -> State:
+        """The lifecycle state as the compiled step holds it (nested dict, int32 flags; no copy,
+        no conversion): what tensor controllers such as the heuristic read every step."""
+        return self._state
+
     def set_seed(self, seed: int) -> None:
         """Restart every env's random streams from ``seed`` (takes effect at the next reset)."""
         self.base_seed = expect_int("Engine.set_seed(seed)", seed, 0, MAX_SEED)
@@ -116,18 +122,20 @@ class Engine:
         keys = episode_seed(self.base_seed, self.env_index, self.episode)
         self._state, self.aux, out = _bool_masks(self._reset_fn(self._state, self.aux, rows, keys))
         self.episode = self.episode + rows.to(torch.int64)
-        self.masks = _masks_of(out)
+        self.masks = out["masks"]
         self._started = True
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
-    def step(self, action: dict[str, torch.Tensor] | TensorDict) -> TensorDict:
-        """One decision + one host epoch for every env (SPEC §4). Does not auto-reset."""
+    def step(self, action: torch.Tensor | dict[str, torch.Tensor] | TensorDict) -> TensorDict:
+        """One decision + one host epoch for every env (SPEC §4). Does not auto-reset.
+
+        ``action``: ``[E, 8]`` integers (heads in ``HEAD_NAMES`` order, what the policy samples) or
+        one ``[E]`` tensor per head; the compiled step takes the ``[E, 8]`` int64 form."""
         if not self._started:
             raise RuntimeError("Engine.step called before Engine.reset()")
-        validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
-        action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
+        action = validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
         self._state, self.aux, out = _bool_masks(self._step_fn(self._state, self.aux, action))
-        self.masks = _masks_of(out)
+        self.masks = out["masks"]
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
     def state_dict(self) -> dict:
@@ -162,9 +170,10 @@ class Engine:
         return collapse(record_epoch(state, metrics), diverged), aux, diverged
 
     def _act_and_reward(
-        self, state: State, action: dict[str, torch.Tensor]
+        self, state: State, action: torch.Tensor
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SPEC §4 steps 2-4: reward from the pre-action state, op, tick."""
+        """SPEC §4 steps 2-4: reward from the pre-action state, op, tick (``action`` ``[E, 8]``)."""
+        action = dict(zip(HEAD_NAMES, action.unbind(-1)))
         new, op, success = act(state, action, self.tables, self.cfg)
         return new, op, success, compute_reward(state, action, op, self.cfg)
 
@@ -190,7 +199,7 @@ class Engine:
         return state, out, terminated
 
     def _step_impl(
-        self, state: State, aux: dict, action: dict[str, torch.Tensor]
+        self, state: State, aux: dict, action: torch.Tensor
     ) -> tuple[State, dict, dict[str, torch.Tensor]]:
         """The whole step as one function (compiled as one graph for compilable backends)."""
         new, op, success, reward = self._act_fn(state, action)
@@ -263,8 +272,5 @@ def _put_rows(state: State, idx: torch.Tensor, rows: State) -> State:
 def _bool_masks(result: tuple[State, dict, dict[str, torch.Tensor]]) -> tuple[State, dict, dict[str, torch.Tensor]]:
     """The step/reset outputs with the uint8 mask flags as bool views (outside the graph: free)."""
     state, aux, out = result
-    return state, aux, {k: v.view(torch.bool) if k.startswith("mask_") else v for k, v in out.items()}
+    return state, aux, {**out, "masks": as_bool(out["masks"])}
 
-
-def _masks_of(out: dict[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:
-    return {k[len("mask_"):]: v for k, v in out.items() if k.startswith("mask_")}

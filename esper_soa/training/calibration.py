@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from esper_soa.agents.adversaries import wait_action
+from esper_soa.agents.baselines import RandomMaskedPolicy
 from esper_soa.agents.heuristic import HeuristicController
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.masks import sample_masked_action
 from esper_soa.core.spec import LIVE_STAGES, AlphaAlgorithm, Blueprint, Stage
 from esper_soa.dynamics.surrogate import SurrogateConfig, SurrogateDynamics
 from esper_soa.env.engine import Engine
@@ -62,22 +62,9 @@ SQRT3 = math.sqrt(3.0)
 class Controller(Protocol):
     """What :func:`collect_trajectories` drives: the HeuristicController's interface."""
 
-    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]: ...
 
     def reset(self, rows: torch.Tensor | None = None) -> None: ...
-
-
-class RandomController:
-    """Uniform masked actions (SPEC §9 hierarchical sampling) from its own seeded generator."""
-
-    def __init__(self, cfg: EngineConfig, seed: int = 0) -> None:
-        self.generator = torch.Generator(device=cfg.device).manual_seed(seed)
-
-    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return sample_masked_action(masks, self.generator)
-
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Stateless: nothing to forget."""
 
 
 class HostOnlyController:
@@ -95,7 +82,7 @@ def make_controller(name: str, cfg: EngineConfig, seed: int = 0) -> Controller:
     if name == "heuristic":
         return HeuristicController(cfg, compile=False)
     if name == "random":
-        return RandomController(cfg, seed)
+        return RandomMaskedPolicy(seed, cfg.device)
     if name == "host_only":
         return HostOnlyController()
     raise ValueError(f"controller: expected one of {CONTROLLERS}, got {name!r}")
