@@ -147,7 +147,7 @@ class EsperActionSpec(Composite):
     def rand(self, shape: torch.Size | None = None) -> TensorDictBase:
         shape = torch.Size(shape or ())
         masks = {k: m.expand(*shape, *m.shape) for k, m in self.current_masks().items()}
-        return action_td(sample_masked_action(masks), [*shape, *self.shape], self.device)
+        return TensorDict(unstack_action(sample_masked_action(masks)), [*shape, *self.shape], device=self.device)
 
 
 class EsperActionMask(Transform):

@@ -272,15 +272,24 @@ class Trainer:
             td.set(("next", "episode_reward"), out.get("episode_return")[:, None])  # RewardSum's key
             steps.append(td)
             rows = nxt.get("done").squeeze(-1)
-            if bool(rows.any()):  # lock-step episodes: a reset is needed on few steps only
-                nxt = torchrl_output(engine.reset(rows))
-            self._carry = self._next_carry(td, nxt, rows)
+            self._carry = self._next_carry(td, self._reset_done(rows, nxt), rows)
         batch = torch.stack(steps, dim=1)
         # bootstrap value of the state after the rollout (ignored where the last step was done)
         last_value = self.model.critic(self._carry.clone()).get("state_value")
         value = batch.get("state_value")
         batch.set(("next", "state_value"), torch.cat([value[:, 1:], last_value[:, None]], dim=1))
         return batch
+
+    def _reset_done(self, rows: torch.Tensor, nxt: TensorDict) -> TensorDict:
+        """The env outputs the next decision sees: ``nxt``, with the ``rows`` that just ended reset.
+
+        Asks the device whether any row ended (one host read per step): episodes run in lock-step,
+        so a reset is needed on few steps only, and a reset runs a host epoch for every env
+        (``Engine.reset`` is one fixed-shape graph), which costs about one more step
+        (bench/RESULTS.md, "One mask and action layout")."""
+        if bool(rows.any()):
+            return torchrl_output(self.engine.reset(rows))
+        return nxt
 
     def _fresh_carry(self, out: TensorDictBase) -> TensorDict:
         carry = out.select(*POLICY_INPUTS)
