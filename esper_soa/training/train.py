@@ -284,9 +284,9 @@ class Trainer:
         """The env outputs the next decision sees: ``nxt``, with the ``rows`` that just ended reset.
 
         Asks the device whether any row ended (one host read per step): episodes run in lock-step,
-        so a reset is needed on few steps only, and a reset runs a host epoch for every env
-        (``Engine.reset`` is one fixed-shape graph), which costs about one more step
-        (bench/RESULTS.md, "One mask and action layout")."""
+        so a reset is needed on few steps only, while ``Engine.reset`` is one fixed-shape graph that
+        runs a host epoch for every env. Resetting every step instead (sync-free) is not measured
+        yet (bench/RESULTS.md, "One mask and action layout")."""
         if bool(rows.any()):
             return torchrl_output(self.engine.reset(rows))
         return nxt
