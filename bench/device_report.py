@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tensordict import TensorDict
 
 from bench.conftest import reference_round
 from bench.test_bench_engine import warm_engine
@@ -117,7 +116,7 @@ def parity_section(device: torch.device, n_envs: int, steps: int) -> dict:
              "obs_max_abs_vs_cpu": 0.0, "obs_max_abs_compiled_vs_eager": 0.0}
     for _ in range(steps):
         action = sample_masked_action(engines["cpu_eager"].masks, generator)
-        outs = {k: e.step({h: a.to(e.device) for h, a in action.items()}) for k, e in engines.items()}
+        outs = {k: e.step(action.to(e.device)) for k, e in engines.items()}
         stage = {k: e.state["slots", "stage"].to(cpu) for k, e in engines.items()}
         obs = {k: o["observation"].to(cpu) for k, o in outs.items()}
         worst["stage_mismatch_vs_cpu"] = max(worst["stage_mismatch_vs_cpu"], int((stage["eager"] != stage["cpu_eager"]).sum()))
@@ -132,7 +131,7 @@ def parity_section(device: torch.device, n_envs: int, steps: int) -> dict:
 
 def env_section(device: torch.device, n_envs: int, rounds: int) -> dict:
     from esper_soa.agents.baselines import RandomMaskedPolicy
-    from esper_soa.env.esper_env import EsperEnv
+    from esper_soa.env.esper_env import EsperEnv, action_td
     from esper_soa.training.rollout import run_collector
 
     env = EsperEnv(EngineConfig(n_envs=n_envs, compile=True, validate_actions=False, device=str(device)))
@@ -141,7 +140,7 @@ def env_section(device: torch.device, n_envs: int, rounds: int) -> dict:
     for _ in range(5):
         env.engine.step(sample_masked_action(env.engine.masks, generator))
     actions = [sample_masked_action(env.engine.masks, generator) for _ in range(8)]
-    tds = [TensorDict({"action": a}, batch_size=[n_envs], device=device) for a in actions]
+    tds = [action_td(a, [n_envs], device) for a in actions]
     it = iter(range(10**9))
     t_engine = time_calls(lambda: env.engine.step(actions[next(it) % 8]), device, rounds)
     t_env = time_calls(lambda: env.step(tds[next(it) % 8]), device, rounds)

@@ -13,13 +13,12 @@ import os
 
 import pytest
 import torch
-from tensordict import TensorDict
 
 from bench.conftest import record, require
 from esper_soa.agents.baselines import RandomMaskedPolicy
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.masks import sample_masked_action
-from esper_soa.env.esper_env import EsperEnv
+from esper_soa.env.esper_env import EsperEnv, action_td
 from esper_soa.training.rollout import run_collector
 
 SIZES = (1024, 65536)
@@ -27,7 +26,7 @@ COMPILE = os.environ.get("ESPER_BENCH_COMPILE", "1") != "0"
 
 
 @functools.cache
-def _env(n_envs: int) -> tuple[EsperEnv, list[dict]]:
+def _env(n_envs: int) -> tuple[EsperEnv, list[torch.Tensor]]:
     """One env per size, shared by both variants (one compile per size)."""
     env = EsperEnv(EngineConfig(n_envs=n_envs, compile=COMPILE, validate_actions=False))
     env.reset()
@@ -41,7 +40,7 @@ def _env(n_envs: int) -> tuple[EsperEnv, list[dict]]:
 @pytest.mark.parametrize("variant", ["engine", "env"])
 def test_step(benchmark, results, variant: str, n_envs: int) -> None:
     env, actions = _env(n_envs)
-    tds = [TensorDict({"action": a}, batch_size=[n_envs]) for a in actions]
+    tds = [action_td(a, [n_envs], env.device) for a in actions]  # ("action", head) views of [E, 8]
     it = iter(range(10**9))
     if variant == "engine":
         fn = lambda: env.engine.step(actions[next(it) % 8])  # noqa: E731

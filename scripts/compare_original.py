@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from esper_soa.core.config import EngineConfig
+from esper_soa.core.masks import as_bool, head_views
 from esper_soa.core.spec import (
     HEAD_NAMES,
     METRIC_FIELDS,
@@ -431,7 +432,9 @@ class Ours:
         self.success = success.numpy()
 
     def masks(self) -> dict[str, np.ndarray]:
-        return {k: self.out[f"mask_{k}"].numpy().astype(bool) for k in MASK_HEADS}
+        masks = as_bool(self.out["masks"])
+        views = {**head_views(masks), "slot_by_op": masks["slot_by_op"]}  # the original's per-head names
+        return {k: views[k].numpy() for k in MASK_HEADS}
 
     def slots(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.state["slots"].items()}

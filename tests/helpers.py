@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from esper_soa.core.masks import head_views, mask_width
 from esper_soa.core.spec import (
     HEAD_NAMES,
     METRIC_FIELDS,
@@ -38,9 +39,9 @@ def random_action(
     """Mostly mask-respecting actions (an allowed op drawn by ``OP_WEIGHTS``, then an allowed
     slot), with probability ``p_arbitrary`` per env an arbitrary one, out-of-range included."""
     sizes = head_sizes(n_slots)
-    n_envs = masks["op"].shape[0]
+    n_envs = masks["head"].shape[0]
     out = {k: np.zeros(n_envs, dtype=np.int64) for k in HEAD_NAMES}
-    np_masks = {k: v.cpu().numpy() for k, v in masks.items()}
+    np_masks = {k: v.cpu().numpy() for k, v in {**head_views(masks), "slot_by_op": masks["slot_by_op"]}.items()}
     for e in range(n_envs):
         if rng.random() < p_arbitrary:
             for k in HEAD_NAMES:
@@ -109,3 +110,14 @@ def make_actions(n_envs: int = 1, **heads: int) -> dict[str, np.ndarray]:
     )
     defaults.update(heads)
     return {h: np.full(n_envs, int(defaults[h]), dtype=np.int64) for h in HEAD_NAMES}
+
+
+def pack_masks(per_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hand-written per-head masks (``op``, ``blueprint``, ..., ``slot_by_op``) in the engine's layout:
+    ``head`` ``[..., 8, K]`` (padding False, the slot row the union over ops) and ``slot_by_op``."""
+    by_op = per_head["slot_by_op"]
+    rows = {**per_head, "slot": by_op.any(-2)}
+    head = torch.zeros(*by_op.shape[:-2], len(HEAD_NAMES), mask_width(by_op.shape[-1]), dtype=torch.bool)
+    for h, name in enumerate(HEAD_NAMES):
+        head[..., h, : rows[name].shape[-1]] = rows[name]
+    return {"head": head, "slot_by_op": by_op}

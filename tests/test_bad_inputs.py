@@ -10,7 +10,7 @@ from tensordict import TensorDict
 
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.masks import sample_masked_action
-from esper_soa.core.spec import HEAD_NAMES
+from esper_soa.core.spec import HEAD_NAMES, unstack_action
 from esper_soa.dynamics.surrogate import SurrogateConfig
 from esper_soa.env.engine import Engine
 from esper_soa.env.esper_env import EsperEnv
@@ -78,7 +78,9 @@ CASES = [
      r"action\['slot'\]: expected a torch\.Tensor, got ndarray"),
     ("step missing head", lambda: _engine().step(_without("tempo")), r"action: missing head 'tempo'"),
     ("step extra head", lambda: _engine().step(_action(speed=torch.zeros(E))), r"action: unknown heads \['speed'\]"),
-    ("step(tensor)", lambda: _engine().step(torch.zeros(E, 8)), r"action: expected a dict or TensorDict .*got 'Tensor'"),
+    ("step(float [E, 8])", lambda: _engine().step(torch.zeros(E, 8)), r"action: expected an integer dtype, got torch\.float32"),
+    ("step([E, 7])", lambda: _engine().step(torch.zeros(E, 7, dtype=torch.int64)), r"action: expected shape \(2, 8\)"),
+    ("step(list)", lambda: _engine().step([0] * 8), r"action: expected an \[E, 8\] tensor, or a dict .*got 'list'"),
     ("step float dtype", lambda: _engine().step(_action(op=torch.zeros(E))), r"action\['op'\]: expected an integer dtype"),
     ("reset(list)", lambda: _engine().reset([True, False]), r"reset rows: expected a bool tensor of shape \(2,\).*got list"),
     ("reset(int rows)", lambda: _engine().reset(torch.ones(E, dtype=torch.int64)), r"reset rows: .*got torch\.int64 \(2,\)"),
@@ -136,7 +138,7 @@ def test_numpy_scalars_and_tensordict_actions_are_accepted() -> None:
     eng.reset()
     eng.set_seed(np.int32(4))
     assert eng.base_seed == 4
-    out = eng.step(TensorDict(sample_masked_action(eng.masks), batch_size=[E]))
+    out = eng.step(TensorDict(unstack_action(sample_masked_action(eng.masks)), batch_size=[E]))
     assert out["observation"].isfinite().all()
     assert TrainConfig(seed=np.int64(1), lr=np.float32(1e-3)).lr == pytest.approx(1e-3)
 

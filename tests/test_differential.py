@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.masks import compute_masks
+from esper_soa.core.masks import compute_masks, head_views
 from esper_soa.core.spec import SpecTables
 from esper_soa.core.state import ENV_FIELDS, SLOT_FIELDS, as_dict, make_state
 from esper_soa.core.step import after_host, after_reset, before_host, first_epoch
@@ -77,8 +77,10 @@ def test_engine_matches_reference(config: dict, seed: int, n_envs: int) -> None:
     for step in range(1, 221):
         masks = compute_masks(state, tables, cfg)
         ref_masks = ref.masks()
-        for name, mask in masks.items():
-            _close(mask, ref_masks[name], f"mask {name} at step {step}")
+        views = {**head_views(masks), "slot_by_op": masks["slot_by_op"]}
+        for name, ref_mask in ref_masks.items():
+            _close(views[name], ref_mask, f"mask {name} at step {step}")
+        _close(views["slot"], ref_masks["slot_by_op"].any(1), f"mask slot (union over ops) at step {step}")
         action = random_action(rng, masks, cfg.n_slots)
         np_action = to_numpy(action)
         new, op, success, reward = before_host(state, action, tables, cfg)

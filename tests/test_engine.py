@@ -52,7 +52,7 @@ def test_same_seed_same_trajectory_different_seed_differs() -> None:
     cfg = EngineConfig(n_envs=5, max_epochs=15, seed=11)
     a, b = _run(Engine(cfg), 20), _run(Engine(cfg), 20)
     for x, y in zip(a, b):
-        for k in x.keys():
+        for k in x.keys(True, True):
             assert torch.equal(x[k], y[k]), k
     c = _run(Engine(EngineConfig(n_envs=5, max_epochs=15, seed=12)), 20)
     assert not torch.equal(a[-1]["observation"], c[-1]["observation"])
@@ -109,7 +109,7 @@ def test_full_step_compiles_fullgraph_and_matches_eager() -> None:
     compiled._step_fn = torch.compile(compiled._step_fn, fullgraph=True, backend=COMPILE_BACKEND)
     compiled._reset_fn = torch.compile(compiled._reset_fn, fullgraph=True, backend=COMPILE_BACKEND)
     for x, y in zip(_run(eager, 15), _run(compiled, 15)):
-        for k in x.keys():
+        for k in x.keys(True, True):
             torch.testing.assert_close(x[k], y[k], msg=k)
 
 

@@ -68,9 +68,9 @@ def test_collector_random_policy_respects_masks_and_matches_engine() -> None:
     out = env2.engine.reset()
     for t in range(batch.shape[1]):
         torch.testing.assert_close(out["observation"], batch[:, t]["observation"])
-        action = sample_masked_action(env2.engine.masks, generator)
-        for h in HEAD_NAMES:
-            assert torch.equal(action[h], batch[:, t]["action", h])
+        action = sample_masked_action(env2.engine.masks, generator)  # [E, 8]
+        for i, h in enumerate(HEAD_NAMES):
+            assert torch.equal(action[:, i], batch[:, t]["action", h])
         out = env2.engine.step(action)
         torch.testing.assert_close(out["reward"], batch[:, t]["next", "reward"])
         torch.testing.assert_close(out["observation"], batch[:, t]["next", "observation"])
@@ -125,9 +125,12 @@ def test_action_specs_track_masks() -> None:
     env = EsperEnv(n_envs=3, max_epochs=10)
     td = env.reset()
     heads = env.full_action_spec["action"]
-    assert torch.equal(heads["op"].mask, td["masks", "op"])
+    assert torch.equal(heads["op"].mask, td["masks", "head"][:, 0, : len(Op)])
     td = env.rand_step(td)
-    assert torch.equal(heads["op"].mask, td["next", "masks", "op"])
+    assert torch.equal(heads["op"].mask, td["next", "masks", "head"][:, 0, : len(Op)])
+    slot = HEAD_NAMES.index("slot")  # the slot leaf: the union over ops, a view of the head mask
+    assert torch.equal(heads["slot"].mask, td["next", "masks", "slot_by_op"].any(1))
+    assert heads["slot"].mask.data_ptr() == env.engine.masks["head"][:, slot].data_ptr()
     # rand_action samples the slot conditioned on the op (SPEC §9)
     for _ in range(10):
         a = env.rand_action(td["next"].clone())

@@ -76,7 +76,7 @@ def test_divergence_is_terminated_pruned_and_contained() -> None:
     _assert_finite(faulty, b)
     for k, v in _flat(clean).items():  # the other envs: bit-identical to the clean run
         assert torch.equal(v[~hit], _flat(faulty)[k][~hit]), k
-    for k in ("observation", "reward", "blueprint_index", "mask_op", "mask_slot_by_op"):
+    for k in ("observation", "reward", "blueprint_index", ("masks", "head"), ("masks", "slot_by_op")):
         assert torch.equal(a[k][~hit], b[k][~hit]), k
 
     # the next reset of the diverged env is clean: it equals the clean run's reset of that env

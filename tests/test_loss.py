@@ -17,6 +17,7 @@ from esper_soa.agents.policy import ActorCritic
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import HEAD_NAMES, TOPOLOGY_BLUEPRINTS, Op, head_sizes
 from esper_soa.env.esper_env import EsperEnv
+from tests.helpers import pack_masks
 
 S = 2
 SIZES = head_sizes(S)
@@ -69,7 +70,7 @@ def hand_batch() -> TensorDict:
         {
             "observation": torch.randn(n, 23 + 31 * S),
             "blueprint_index": torch.zeros(n, S, dtype=torch.int64),
-            "masks": masks,
+            "masks": pack_masks(masks),
             "action": action,
             "head_log_prob": old,
             "advantage": torch.tensor([[2.0], [-1.0], [5.0]]),

@@ -9,11 +9,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from esper_soa.agents.distribution import (
-    MASK_FILL,
-    FactoredMaskedCategorical,
-    stack_action,
-)
+from esper_soa.agents.distribution import MASK_FILL, FactoredMaskedCategorical
 from esper_soa.agents.policy import (
     ActorCritic,
     ObservationNormalizer,
@@ -25,6 +21,7 @@ from esper_soa.core.config import EngineConfig
 from esper_soa.core.masks import sample_masked_action
 from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, Op, head_sizes
 from esper_soa.env.esper_env import EsperEnv
+from tests.helpers import pack_masks
 
 S = 3
 SIZES = head_sizes(S)
@@ -57,8 +54,8 @@ def gen() -> torch.Generator:
 def test_log_prob_is_sum_over_relevant_heads(gen: torch.Generator) -> None:
     n = 512
     masks, logits = random_masks(gen, n), random_logits(gen, n)
-    dist = FactoredMaskedCategorical.from_heads(logits, masks)
-    action = stack_action(sample_masked_action(masks, gen))
+    dist = FactoredMaskedCategorical.from_heads(logits, pack_masks(masks))
+    action = sample_masked_action(pack_masks(masks), gen)
     expected = torch.zeros(n)
     for i, name in enumerate(HEAD_NAMES):
         if name == "slot":
@@ -80,8 +77,8 @@ def test_log_prob_is_sum_over_relevant_heads(gen: torch.Generator) -> None:
 def test_masked_actions_have_probability_zero(gen: torch.Generator) -> None:
     n = 256
     masks, logits = random_masks(gen, n), random_logits(gen, n)
-    dist = FactoredMaskedCategorical.from_heads(logits, masks)
-    op = sample_masked_action(masks, gen)["op"]  # a valid op: its slot row has a valid slot
+    dist = FactoredMaskedCategorical.from_heads(logits, pack_masks(masks))
+    op = sample_masked_action(pack_masks(masks), gen)[:, 0]  # a valid op: its slot row has a valid slot
     _, probs, head_masks = dist._log_probs(op)
     assert torch.all(probs[~head_masks] == 0)
     torch.testing.assert_close(probs.sum(-1), torch.ones(n, len(HEAD_NAMES)))
@@ -89,11 +86,11 @@ def test_masked_actions_have_probability_zero(gen: torch.Generator) -> None:
     germ = masks["slot_by_op"][:, int(Op.GERMINATE)]
     rows = (~germ).any(-1) & masks["op"][:, int(Op.GERMINATE)]
     assert rows.any()
-    action = stack_action(sample_masked_action(masks, gen))[rows]
+    action = sample_masked_action(pack_masks(masks), gen)[rows]
     action[:, 0] = int(Op.GERMINATE)
     action[:, 1] = (~germ[rows]).float().argmax(-1)
     sub = FactoredMaskedCategorical.from_heads(
-        {k: v[rows] for k, v in logits.items()}, {k: v[rows] for k, v in masks.items()}
+        {k: v[rows] for k, v in logits.items()}, pack_masks({k: v[rows] for k, v in masks.items()})
     )
     assert torch.all(sub.log_prob(action).exp() == 0)
     assert torch.all(sub.log_prob(action) < MASK_FILL / 2)
@@ -109,7 +106,7 @@ def test_sampling_never_returns_a_masked_action(gen: torch.Generator) -> None:
         logits[name] = torch.where(m, torch.zeros(m.shape), torch.full(m.shape, 50.0))
     # and the slot the op allows is the least attractive among the union of slots
     logits["slot"] = torch.where(masks["slot_by_op"][:, int(Op.WAIT)], 50.0, 0.0)
-    dist = FactoredMaskedCategorical.from_heads(logits, masks)
+    dist = FactoredMaskedCategorical.from_heads(logits, pack_masks(masks))
     for action in (dist.sample(gen), dist.mode()):
         rows = torch.arange(n)
         assert torch.all(masks["op"][rows, action[:, 0]])
@@ -127,7 +124,7 @@ def test_sampling_frequencies_follow_the_hierarchical_distribution(gen: torch.Ge
     masks["slot_by_op"][0, int(Op.PRUNE)] = torch.tensor([False, True, True])
     logits = random_logits(gen, 1, scale=1.0)
     dist = FactoredMaskedCategorical.from_heads(
-        {k: v.expand(n, -1) for k, v in logits.items()}, {k: v.expand(n, *v.shape[1:]) for k, v in masks.items()}
+        {k: v.expand(n, -1) for k, v in logits.items()}, pack_masks({k: v.expand(n, *v.shape[1:]) for k, v in masks.items()})
     )
     action = dist.sample(gen)
     freq_op = torch.bincount(action[:, 0], minlength=len(Op)).float() / n
@@ -146,7 +143,7 @@ def test_mode_is_the_hierarchical_argmax() -> None:
     logits = {h: torch.zeros(1, n) for h, n in SIZES.items()}
     logits["op"][0, int(Op.FOSSILIZE)] = 3.0
     logits["slot"][0] = torch.tensor([0.0, 2.0, 1.0])  # slot 1 is best overall but masked for FOSSILIZE
-    action = FactoredMaskedCategorical.from_heads(logits, masks).mode()
+    action = FactoredMaskedCategorical.from_heads(logits, pack_masks(masks)).mode()
     assert action[0, 0] == int(Op.FOSSILIZE) and action[0, 1] == 0
 
 
@@ -154,8 +151,8 @@ def test_entropy_is_normalised_per_head(gen: torch.Generator) -> None:
     n = 64
     masks = random_masks(gen, n)
     uniform = {h: torch.zeros(n, SIZES[h]) for h in HEAD_NAMES}
-    action = stack_action(sample_masked_action(masks, gen))
-    dist = FactoredMaskedCategorical.from_heads(uniform, masks)
+    action = sample_masked_action(pack_masks(masks), gen)
+    dist = FactoredMaskedCategorical.from_heads(uniform, pack_masks(masks))
     ent = dist.entropy(action)
     rows = torch.arange(n)
     head_masks = dist.masks_given_op(action[:, 0])
@@ -165,7 +162,7 @@ def test_entropy_is_normalised_per_head(gen: torch.Generator) -> None:
     torch.testing.assert_close(ent, expected)
     assert torch.all(head_masks[rows, 1, : S] == masks["slot_by_op"][rows, action[:, 0]])
     # one valid entry -> 0 whatever the logits; skewed logits -> strictly between 0 and 1
-    skewed = FactoredMaskedCategorical.from_heads(random_logits(gen, n), masks).entropy(action)
+    skewed = FactoredMaskedCategorical.from_heads(random_logits(gen, n), pack_masks(masks)).entropy(action)
     assert torch.all(skewed[n_valid == 1] == 0)
     several = (n_valid > 1) & relevant
     assert torch.all((skewed[several] > 0) & (skewed[several] < 1))
@@ -175,7 +172,7 @@ def test_entropy_of_a_single_valid_action_and_of_irrelevant_heads_is_zero() -> N
     masks = random_masks(torch.Generator().manual_seed(5), 4)
     masks["op"][:] = False
     masks["op"][:, int(Op.WAIT)] = True  # forced: only WAIT
-    dist = FactoredMaskedCategorical.from_heads(random_logits(torch.Generator().manual_seed(6), 4), masks)
+    dist = FactoredMaskedCategorical.from_heads(random_logits(torch.Generator().manual_seed(6), 4), pack_masks(masks))
     action = dist.sample()
     assert torch.all(action[:, 0] == int(Op.WAIT))
     assert torch.all(dist.entropy(action) == 0)

@@ -28,7 +28,7 @@ def make_env() -> EsperEnv:  # module level: picklable for ParallelEnv and spawn
 def _valid(td) -> torch.Tensor:
     """Per frame: op allowed and, where the slot matters, the slot allowed for that op."""
     op, slot = td["action", "op"], td["action", "slot"]
-    ok_op = td["masks", "op"].gather(-1, op[..., None]).squeeze(-1)
+    ok_op = td["masks", "head"][..., 0, :].gather(-1, op[..., None]).squeeze(-1)
     by_op = td["masks", "slot_by_op"].gather(-2, op[..., None, None].expand(*op.shape, 1, 3)).squeeze(-2)
     ok_slot = by_op.gather(-1, slot[..., None]).squeeze(-1)
     relevant = torch.tensor(HEAD_RELEVANCE)[op][..., 1]

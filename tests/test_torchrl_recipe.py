@@ -20,6 +20,7 @@ from esper_soa.agents.torchrl_recipe import (
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.spec import HEAD_NAMES, Op
 from esper_soa.env.esper_env import EsperEnv
+from tests.helpers import pack_masks
 
 E = 8
 
@@ -36,7 +37,7 @@ def _dist(op_logits: torch.Tensor, slot_logits: torch.Tensor, slot_by_op: torch.
     params["op"], params["slot"] = op_logits, slot_logits
     masks = TensorDict({h: torch.ones(n, k, dtype=torch.bool) for h, k in sizes.items() if h != "slot"}, batch_size=[n])
     masks["slot_by_op"] = slot_by_op
-    return EsperActionDistribution(params, masks)
+    return EsperActionDistribution(params, TensorDict(pack_masks(masks.to_dict()), batch_size=[n]))
 
 
 def test_the_slot_is_drawn_and_scored_under_the_op() -> None:

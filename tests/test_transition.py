@@ -10,7 +10,14 @@ from esper_soa.core.alpha import alpha_progress
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.lifecycle import record_epoch
 from esper_soa.core.masks import compute_masks
-from esper_soa.core.spec import AlphaCurve, Op, SpecTables, Stage, head_sizes
+from esper_soa.core.spec import (
+    AlphaCurve,
+    Op,
+    SpecTables,
+    Stage,
+    head_sizes,
+    stack_action,
+)
 from esper_soa.core.state import FLAG_FIELDS, as_dict, from_dict, make_state, reset_rows
 from esper_soa.core.step import transition
 from esper_soa.core.validation import validate_action
@@ -74,7 +81,7 @@ def test_germinate_then_instant_prune_timeline() -> None:
         seen.append(int(state["slots"]["stage"][0, 0]))
     assert seen[:6] == [Stage.GERMINATED] * 6
     assert seen[6:] == [Stage.EMBARGOED] * 5 + [Stage.RESETTING] + [Stage.DORMANT]
-    assert bool(out["mask_slot_by_op"][0, Op.GERMINATE, 0])
+    assert bool(out["masks"]["slot_by_op"][0, Op.GERMINATE, 0])
 
 
 def test_reset_rows_leaves_other_rows_bit_identical() -> None:
@@ -106,8 +113,7 @@ def test_flags_int32_inside_bool_outside_and_either_drives_the_transition() -> N
     metrics = random_metrics(rng, cfg.n_envs, cfg.n_slots)
     from_ints, out_ints = transition(state, action, metrics, tables, cfg)
     from_bools, out_bools = transition(public.to_dict(), action, metrics, tables, cfg)
-    for k in out_ints:
-        assert torch.equal(out_ints[k], out_bools[k]), k
+    torch.testing.assert_close(out_ints, out_bools, rtol=0, atol=0)
     for k, v in from_ints["slots"].items():
         assert torch.equal(v, from_bools["slots"][k].to(v.dtype)), k
 
@@ -139,6 +145,14 @@ def test_validate_action_errors_are_specific() -> None:
     # irrelevant heads are not checked: WAIT with a masked blueprint is fine
     validate_action({**ok, "blueprint": torch.tensor([8, 0, 12])}, masks, cfg)
     validate_action({**ok, "op": torch.full((3,), 9)}, masks, cfg, check_values=False)
+    # the [E, 8] form (the policy's): checked the same way, handed on as int64 [E, 8] contiguous
+    packed = validate_action(stack_action(ok).to(torch.int32), masks, cfg)
+    assert packed.dtype == torch.int64 and packed.shape == (3, 8) and packed.is_contiguous()
+    assert torch.equal(validate_action(ok, masks, cfg), packed)
+    with pytest.raises(ValueError, match=r"expected shape \(3, 8\)"):
+        validate_action(torch.zeros(3, 7, dtype=torch.int64), masks, cfg)
+    with pytest.raises(ValueError, match=r"action\['op'\] = 3 at env 1 is masked"):
+        validate_action(stack_action({**ok, "op": torch.tensor([0, int(Op.PRUNE), 0])}), masks, cfg)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import torch
 from esper_soa.agents.heuristic import HeuristicConfig, _at, _first, allowed_or_wait
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.lifecycle import gate_g2, gate_g3
+from esper_soa.core.masks import head_views
 from esper_soa.core.spec import HEAD_NAMES, Op, Stage, slot_widths
 from esper_soa.core.state import State
 
@@ -58,7 +59,8 @@ def adversary_config(name: str) -> AdversaryConfig:
 def wait_action(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """WAIT for every env (on a slot WAIT allows), every other head at its first valid value: the
     host-alone controller every seed is judged against."""
-    action = {h: masks[h].to(torch.int64).argmax(-1) for h in HEAD_NAMES if h not in ("op", "slot")}
+    heads = head_views(masks)
+    action = {h: heads[h].to(torch.int64).argmax(-1) for h in HEAD_NAMES if h not in ("op", "slot")}
     action["op"] = torch.full_like(action["blueprint"], int(Op.WAIT))
     action["slot"] = masks["slot_by_op"][..., int(Op.WAIT), :].to(torch.int64).argmax(-1)
     return {h: action[h] for h in HEAD_NAMES}

@@ -1,13 +1,16 @@
 """Baseline controllers as TensorDict policies that TorchRL collectors can drive.
 
 ``RandomMaskedPolicy`` draws a uniformly random *valid* action (op first, then a slot the op
-allows). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state;
+allows); it is also the random controller of the engine-direct tools (``act``/``reset``, the
+:class:`~esper_soa.agents.heuristic.HeuristicController` interface). ``HeuristicPolicy`` runs the tensorized SPEC §14a controller on the engine's state;
 ``ScriptedPolicy`` runs ``wait`` or one of the reward-probing controllers of
 :mod:`esper_soa.agents.adversaries`. All write ``("action", head)`` for every head and never sync with
 the host.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from tensordict import TensorDictBase
@@ -21,7 +24,7 @@ from esper_soa.agents.adversaries import (
 )
 from esper_soa.agents.heuristic import HeuristicConfig, HeuristicController
 from esper_soa.core.masks import sample_masked_action
-from esper_soa.core.spec import ACTION_KEYS, MASK_KEYS
+from esper_soa.core.spec import ACTION_KEYS, MASK_KEYS, unstack_action
 from esper_soa.env.esper_env import EsperEnv
 
 CONTROLLERS = ("random", "heuristic", "wait") + ADVERSARIES
@@ -37,9 +40,16 @@ class RandomMaskedPolicy(TensorDictModuleBase):
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(seed)
 
+    def act(self, state: object, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[E, 8]`` random valid actions for ``masks`` (``state`` is not read)."""
+        return sample_masked_action(masks, self.generator)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Stateless: nothing to forget."""
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
-        for name, value in sample_masked_action(masks, self.generator).items():
+        action = self.act(None, {k: tensordict.get(("masks", k)) for k in MASK_KEYS})
+        for name, value in unstack_action(action).items():
             tensordict.set(("action", name), value)
         return tensordict
 

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 
 import torch
 
+from esper_soa.core.masks import gumbel_like, masked_draw, masks_given_op
 from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, Op
 
 MASK_FILL = -1e4  # masked logit (SPEC §14): exp(-1e4) underflows to exactly 0 in float32
-SLOT = HEAD_NAMES.index("slot")
 N_HEADS = len(HEAD_NAMES)
 
 
@@ -39,35 +39,13 @@ def _relevance_table(device: torch.device) -> torch.Tensor:
     return torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=device)
 
 
-def pad_head_masks(masks: Mapping[str, torch.Tensor], width: int) -> torch.Tensor:
-    """Per-head masks ``[..., H, K]`` (padding False); the slot row is the union over ops and is
-    replaced by the op-conditioned row wherever an op is known."""
-    rows = []
-    for name in HEAD_NAMES:
-        m = masks["slot_by_op"].any(-2) if name == "slot" else masks[name]
-        pad = m.new_zeros(*m.shape[:-1], width - m.shape[-1])
-        rows.append(torch.cat([m, pad], dim=-1))
-    return torch.stack(rows, dim=-2)
-
-
-def stack_action(action: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``{head: [...]}`` -> ``[..., H]`` int64 in ``HEAD_NAMES`` order."""
-    return torch.stack([action[name].long() for name in HEAD_NAMES], dim=-1)
-
-
-def unstack_action(action: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[..., H]`` -> ``{head: [...]}``, each contiguous: a compiled engine step guards on
-    strides, and column views (stride H) would make it recompile next to contiguous actions."""
-    return {name: action[..., i].contiguous() for i, name in enumerate(HEAD_NAMES)}
-
-
 class FactoredMaskedCategorical:
     """Distribution over the 8-head Esper action (see the module docstring).
 
     Args:
         logits: ``[..., H, K]`` raw logits, heads in ``HEAD_NAMES`` order, padded on the right.
-        head_masks: ``[..., H, K]`` bool validity per head (see :func:`pad_head_masks`); the slot
-            row is ignored in favour of ``slot_by_op``.
+        head_masks: ``[..., H, K]`` bool validity per head, the env's ``masks["head"]`` as it
+            comes (padding False); the slot row is replaced by ``slot_by_op[op]`` under an op.
         slot_by_op: ``[..., 6, S]`` bool, per-op slot validity.
     """
 
@@ -80,30 +58,25 @@ class FactoredMaskedCategorical:
         self.logits = logits
         self.head_masks = head_masks
         self.slot_by_op = slot_by_op
-        self.n_slots = slot_by_op.shape[-1]
         self._relevance = _relevance_table(logits.device)
 
     @classmethod
     def from_heads(
         cls, logits: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
     ) -> FactoredMaskedCategorical:
-        """Build from per-head logits ``{head: [..., n_head]}`` and the env's mask dict."""
-        width = max(t.shape[-1] for t in logits.values())
+        """Build from per-head logits ``{head: [..., n_head]}`` (padded here to the masks' width)
+        and the env's ``masks`` (``head``, ``slot_by_op``)."""
+        width = masks["head"].shape[-1]
         padded = []
         for name in HEAD_NAMES:
             t = logits[name]
             padded.append(torch.cat([t, t.new_zeros(*t.shape[:-1], width - t.shape[-1])], dim=-1))
-        return cls(torch.stack(padded, dim=-2), pad_head_masks(masks, width), masks["slot_by_op"])
+        return cls(torch.stack(padded, dim=-2), masks["head"], masks["slot_by_op"])
 
     # --- masks under a known op -------------------------------------------------------------
     def masks_given_op(self, op: torch.Tensor) -> torch.Tensor:
         """``[..., H, K]`` masks with the slot row taken from ``slot_by_op[op]``."""
-        index = op.long()[..., None, None].expand(*op.shape, 1, self.n_slots)
-        slot_row = self.slot_by_op.gather(-2, index)  # [..., 1, S]
-        width = self.head_masks.shape[-1]
-        slot_row = torch.cat([slot_row, slot_row.new_zeros(*slot_row.shape[:-1], width - self.n_slots)], -1)
-        rows = torch.arange(N_HEADS, device=op.device)[:, None] == SLOT
-        return torch.where(rows, slot_row, self.head_masks)
+        return masks_given_op(self.head_masks, self.slot_by_op, op)
 
     def _log_probs(self, op: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs, probs, masks), each ``[..., H, K]``, under the op-conditioned masks.
@@ -125,28 +98,17 @@ class FactoredMaskedCategorical:
         return self._relevance[op.long()]
 
     # --- sampling ---------------------------------------------------------------------------
-    def _draw(self, noise: torch.Tensor | None) -> torch.Tensor:
-        """Op first, then every other head (the slot under ``slot_by_op[op]``): argmax of the
-        masked logits plus optional Gumbel noise. Masked entries are -inf, so they are never
-        drawn, whatever the logits."""
-        scores = self.logits if noise is None else self.logits + noise
-        neg_inf = torch.full_like(scores, -float("inf"))
-        op = torch.where(self.head_masks[..., 0, :], scores[..., 0, :], neg_inf[..., 0, :]).argmax(-1)
-        masks = self.masks_given_op(op)
-        return torch.where(masks, scores, neg_inf).argmax(-1)
-
     def sample(self, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """A hierarchical sample ``[..., H]`` (Gumbel-max: exact, sync-free). ``uniform``: the
-        ``[..., H, K]`` uniforms to use instead of ``torch.rand`` (``agents.sampling``)."""
-        if uniform is None:
-            uniform = torch.rand(self.logits.shape, generator=generator, device=self.logits.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        return self._draw(gumbel)
+        """A hierarchical sample ``[..., H]``: op first, then every other head (the slot under
+        ``slot_by_op[op]``), by Gumbel-max over the masked logits (exact, sync-free).
+        ``uniform``: the ``[..., H, K]`` uniforms to use instead of ``torch.rand``
+        (``agents.sampling``)."""
+        return masked_draw(self.logits + gumbel_like(self.logits, generator, uniform), self.head_masks, self.slot_by_op)
 
     def mode(self) -> torch.Tensor:
         """Greedy action ``[..., H]``: the most likely op, then the most likely valid entry of
         every other head given that op."""
-        return self._draw(None)
+        return masked_draw(self.logits, self.head_masks, self.slot_by_op)
 
     # --- evaluation -------------------------------------------------------------------------
     def log_prob_and_entropy(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

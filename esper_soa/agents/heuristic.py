@@ -40,6 +40,7 @@ from tensordict import TensorDictBase
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.heuristic_config import NEVER_PRUNED, HeuristicConfig
 from esper_soa.core.lifecycle import gate_g2, gate_g3
+from esper_soa.core.masks import head_views, slot_mask_given_op
 from esper_soa.core.spec import (
     PRUNABLE_STAGES,
     Blueprint,
@@ -96,16 +97,15 @@ def allowed_or_wait(action: dict[str, torch.Tensor], masks: dict[str, torch.Tens
     """``action["op"]`` where the masks allow the whole action (the op on its slot, GERMINATE's and
     PRUNE's heads), WAIT elsewhere: scripted controllers never emit a masked action."""
     op, slot = action["op"], action["slot"]
-    slot_by_op = masks["slot_by_op"]
-    n_envs, _, n_slots = slot_by_op.shape
-    row = slot_by_op.gather(1, op[:, None, None].expand(n_envs, 1, n_slots)).squeeze(1)
-    allowed = _at(row, slot) & _at(masks["op"], op)
+    heads = head_views(masks)
+    row = slot_mask_given_op(masks["slot_by_op"], op)
+    allowed = _at(row, slot) & _at(heads["op"], op)
     is_germinate = op == int(Op.GERMINATE)
     is_prune = op == int(Op.PRUNE)
     for name in ("blueprint", "style", "tempo", "alpha_target"):
-        allowed = allowed & (~is_germinate | _at(masks[name], action[name]))
+        allowed = allowed & (~is_germinate | _at(heads[name], action[name]))
     for name in ("alpha_speed", "alpha_curve"):
-        allowed = allowed & (~is_prune | _at(masks[name], action[name]))
+        allowed = allowed & (~is_prune | _at(heads[name], action[name]))
     return torch.where(allowed, op, torch.full_like(op, int(Op.WAIT)))
 
 

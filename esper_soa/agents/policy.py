@@ -31,13 +31,7 @@ from torchrl.envs import InitTracker
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import LSTMModule, set_recurrent_mode
 
-from esper_soa.agents.distribution import (
-    N_HEADS,
-    FactoredMaskedCategorical,
-    pad_head_masks,
-    stack_action,
-    unstack_action,
-)
+from esper_soa.agents.distribution import N_HEADS, FactoredMaskedCategorical
 from esper_soa.agents.sampling import SAMPLE_KEY, keyed_uniforms
 from esper_soa.core.spec import (
     ACTION_KEYS,
@@ -48,6 +42,8 @@ from esper_soa.core.spec import (
     OBS_SLOT,
     Blueprint,
     head_sizes,
+    stack_action,
+    unstack_action,
 )
 
 RECURRENT_KEYS = ("recurrent_state_h", "recurrent_state_c")
@@ -248,8 +244,10 @@ class FactoredActor(TensorDictModuleBase):
 
     Samples unless the exploration type is DETERMINISTIC/MODE (or ``deterministic`` is forced),
     in which case it takes the greedy hierarchical action. A ``sample_key`` input (``[E]`` int64,
-    ``agents.sampling``) makes the sample a function of each env's key instead of ``torch.rand``. Writes the joint log-prob and the
-    per-head log-probs: the per-head clipped PPO ratios need the latter.
+    ``agents.sampling``) makes the sample a function of each env's key instead of ``torch.rand``.
+    Writes the joint log-prob and the per-head log-probs: the per-head clipped PPO ratios need the
+    latter. The action is drawn as one ``[..., 8]`` tensor; its ``("action", head)`` entries
+    (EsperEnv's action keys) are column views of it, not copies.
     """
 
     def __init__(self) -> None:
@@ -281,8 +279,7 @@ def distribution_from(tensordict: TensorDictBase, logits: torch.Tensor | None = 
     """The action distribution for the ``masks`` of a tensordict and its ``logits`` (or the
     ``logits`` given)."""
     logits = tensordict.get("logits") if logits is None else logits
-    masks = {k: tensordict.get(("masks", k)) for k in MASK_KEYS}
-    return FactoredMaskedCategorical(logits, pad_head_masks(masks, logits.shape[-1]), masks["slot_by_op"])
+    return FactoredMaskedCategorical(logits, tensordict.get(("masks", "head")), tensordict.get(("masks", "slot_by_op")))
 
 
 def stored_action(tensordict: TensorDictBase, key: str | tuple = "action") -> torch.Tensor:

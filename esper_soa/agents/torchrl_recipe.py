@@ -34,6 +34,7 @@ from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from esper_soa.core.masks import head_views, slot_mask_given_op
 from esper_soa.core.spec import ACTION_KEYS, GAMMA, HEAD_NAMES, head_sizes
 from esper_soa.env.esper_env import EsperEnv
 
@@ -44,9 +45,8 @@ def _slot_mask(slot_by_op: torch.Tensor, op: torch.Tensor | None) -> torch.Tenso
     """``slot_by_op[op]`` (``op`` None: every op, ``[..., 6, S]``); a row with no valid slot (WAIT)
     allows slot 0 only, which is what the env's own samplers draw there."""
     if op is not None:
-        n_slots = slot_by_op.shape[-1]
         slot_by_op = slot_by_op.expand(*op.shape[: op.dim() - slot_by_op.dim() + 2], *slot_by_op.shape)
-        slot_by_op = slot_by_op.gather(-2, op[..., None, None].expand(*op.shape, 1, n_slots)).squeeze(-2)
+        slot_by_op = slot_mask_given_op(slot_by_op, op)
     first = torch.arange(slot_by_op.shape[-1], device=slot_by_op.device) == 0
     return slot_by_op | (~slot_by_op.any(-1, keepdim=True) & first)
 
@@ -112,8 +112,9 @@ class EsperActionDistribution(CompositeDistribution):
         log_prob_key: NestedKey | None = None,
         entropy_key: NestedKey | None = None,
     ) -> None:
+        per_head = head_views(masks)  # zero-copy [..., n_head] views of masks["head"]
         dists: dict[NestedKey, D.Distribution] = {
-            ("action", h): (OpHead if h == "op" else MaskedCategorical)(logits=params.get(h), mask=masks.get(h))
+            ("action", h): (OpHead if h == "op" else MaskedCategorical)(logits=params.get(h), mask=per_head[h])
             for h in HEAD_NAMES
             if h != "slot"
         }

@@ -8,6 +8,7 @@ engine additionally reads the tensor lookup tables built by :class:`SpecTables`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from enum import IntEnum
 
 import torch
@@ -286,9 +287,20 @@ METRIC_FIELDS: dict[str, tuple[torch.dtype, bool]] = {
 }
 
 # The mask entries a step emits and every controller reads (``masks`` in the TorchRL output).
-MASK_KEYS = ("op", "slot_by_op", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+MASK_KEYS = ("head", "slot_by_op")  # head [E, 8, K] (padded, slot row = union), slot_by_op [E, 6, S]
 # The action heads' TensorDict keys, in ``HEAD_NAMES`` order.
 ACTION_KEYS = tuple(("action", h) for h in HEAD_NAMES)
+
+
+def stack_action(action: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``{head: [...]}`` -> ``[..., 8]`` int64 in ``HEAD_NAMES`` order (the engine's action form)."""
+    return torch.stack([action[name].long() for name in HEAD_NAMES], dim=-1)
+
+
+def unstack_action(action: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``[..., 8]`` -> ``{head: [...]}`` column views (no copies): the ``("action", head)`` keys."""
+    return dict(zip(HEAD_NAMES, action.unbind(-1)))
+
 DONE_KEYS = ("done", "terminated", "truncated")
 # What a step reports about the state it reached, for evaluation and logs (SPEC §12b), [E] floats.
 OUTCOME_KEYS = ("committed_gain", "acc_committed", "val_acc", "fossils")

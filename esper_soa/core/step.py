@@ -153,12 +153,12 @@ def reset(
 
 
 def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
-    """Observation, blueprint indices and masks for the next decision; the masks as uint8 0/1
-    flags (``masks.mask_flags``), which the engine turns into bool views after the graph. Also the
-    outcome of the state reached, for evaluation and logging (policies do not read them): the
-    real objective ``committed_gain`` (J in pp), ``acc_committed``, ``val_acc`` and ``fossils``."""
+    """Observation, blueprint indices and masks for the next decision; ``masks`` is
+    ``{"head": [E, 8, K], "slot_by_op": [E, 6, S]}`` as uint8 0/1 flags (``masks.mask_flags``),
+    which the engine turns into bool views after the graph. Also the outcome of the state
+    reached, for evaluation and logging (policies do not read them): the real objective
+    ``committed_gain`` (J in pp), ``acc_committed``, ``val_acc`` and ``fossils``."""
     obs, blueprint_index = observe(state, tables, cfg)
-    masks = mask_flags(state, tables, cfg)
     return {
         "observation": obs,
         "blueprint_index": blueprint_index,
@@ -166,5 +166,5 @@ def emit(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch
         "acc_committed": state["acc_committed"],
         "val_acc": state["val_acc"],
         "fossils": (state["slots"]["stage"] == int(Stage.FOSSILIZED)).sum(-1).to(torch.float32),
-        **{f"mask_{k}": v for k, v in masks.items()},
+        "masks": mask_flags(state, tables, cfg),
     }

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, head_sizes
+from esper_soa.core.spec import HEAD_NAMES, HEAD_RELEVANCE, head_sizes, stack_action
 
 if TYPE_CHECKING:
     from esper_soa.core.config import EngineConfig
@@ -99,56 +99,82 @@ def backend_config(where: str, given: object, cls: type[T]) -> T:
 
 
 def validate_action(
-    action: dict[str, torch.Tensor],
-    masks: dict[str, torch.Tensor],
+    action: torch.Tensor | Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
     cfg: EngineConfig,
     check_values: bool = True,
-) -> None:
-    """Raise ``ValueError`` naming the head, what was expected and what came."""
+) -> torch.Tensor:
+    """The action as the compiled step takes it, ``[E, 8]`` int64 contiguous (heads in
+    ``HEAD_NAMES`` order), from ``[E, 8]`` integers or one ``[E]`` tensor per head; raises
+    ``ValueError`` naming the head, what was expected and what came."""
     device = cfg.torch_device
     sizes = head_sizes(cfg.n_slots)
-    if not isinstance(action, Mapping) and not hasattr(action, "keys"):
-        raise bad_value("action", f"a dict or TensorDict of the heads {HEAD_NAMES}", type(action).__name__)
-    extra = sorted(str(k) for k in action.keys() if k not in HEAD_NAMES)
-    if extra:
-        raise ValueError(f"action: unknown heads {extra}; expected exactly the heads {HEAD_NAMES}")
-    for name in HEAD_NAMES:
-        if name not in action:
-            raise ValueError(f"action: missing head {name!r}; expected heads {HEAD_NAMES}")
-        a = action[name]
-        if not isinstance(a, torch.Tensor):
-            raise ValueError(
-                f"action[{name!r}]: expected a torch.Tensor, got {type(a).__name__} (convert with torch.as_tensor)"
+    if isinstance(action, torch.Tensor):
+        expected = (cfg.n_envs, len(HEAD_NAMES))
+        if tuple(action.shape) != expected:
+            raise ValueError(f"action: expected shape {expected} (one column per head {HEAD_NAMES}), got {tuple(action.shape)}")
+        _check_meta("action", action, device)
+        heads = dict(zip(HEAD_NAMES, action.unbind(-1)))
+    else:
+        if not isinstance(action, Mapping) and not hasattr(action, "keys"):
+            raise bad_value(
+                "action", f"an [E, 8] tensor, or a dict or TensorDict of the heads {HEAD_NAMES}", type(action).__name__
             )
-        if a.shape != (cfg.n_envs,):
-            raise ValueError(f"action[{name!r}]: expected shape ({cfg.n_envs},), got {tuple(a.shape)}")
-        if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise ValueError(f"action[{name!r}]: expected an integer dtype, got {a.dtype}")
-        if a.device != device:
-            raise ValueError(f"action[{name!r}]: expected device {device}, got {a.device}")
-    if not check_values:
-        return
+        extra = sorted(str(k) for k in action.keys() if k not in HEAD_NAMES)
+        if extra:
+            raise ValueError(f"action: unknown heads {extra}; expected exactly the heads {HEAD_NAMES}")
+        for name in HEAD_NAMES:
+            if name not in action:
+                raise ValueError(f"action: missing head {name!r}; expected heads {HEAD_NAMES}")
+            a = action[name]
+            if not isinstance(a, torch.Tensor):
+                raise ValueError(
+                    f"action[{name!r}]: expected a torch.Tensor, got {type(a).__name__} (convert with torch.as_tensor)"
+                )
+            if a.shape != (cfg.n_envs,):
+                raise ValueError(f"action[{name!r}]: expected shape ({cfg.n_envs},), got {tuple(a.shape)}")
+            _check_meta(f"action[{name!r}]", a, device)
+        heads = {name: action[name] for name in HEAD_NAMES}
+    if check_values:
+        _check_values(heads, masks, sizes, cfg.n_envs)
+    if isinstance(action, torch.Tensor):
+        return action.to(torch.int64).contiguous()  # the compiled step guards on dtype and strides
+    return stack_action(heads)
+
+
+def _check_meta(where: str, a: torch.Tensor, device: torch.device) -> None:
+    if a.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{where}: expected an integer dtype, got {a.dtype}")
+    if a.device != device:
+        raise ValueError(f"{where}: expected device {device}, got {a.device}")
+
+
+def _check_values(
+    heads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], sizes: Mapping[str, int], n_envs: int
+) -> None:
+    """Ranges, then the masks (``head`` rows, the slot under ``slot_by_op[op]``); syncs."""
     for name in HEAD_NAMES:
-        a = action[name]
+        a = heads[name]
         bad = (a < 0) | (a >= sizes[name])
         if bool(bad.any()):
             env = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"action[{name!r}]: expected indices in [0, {sizes[name]}), got {int(a[env])} at env {env}"
             )
-    op = action["op"].long()
-    rows = torch.arange(cfg.n_envs, device=op.device)
+    op = heads["op"].long()
+    rows = torch.arange(n_envs, device=op.device)
     relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=op.device)[op]
-    checks = [("op", masks["op"][rows, op])]
+    head = masks["head"]
+    checks = [("op", head[rows, 0, op])]
     for i, name in enumerate(HEAD_NAMES[1:], start=1):
-        index = action[name].long()
-        allowed = masks["slot_by_op"][rows, op, index] if name == "slot" else masks[name][rows, index]
+        index = heads[name].long()
+        allowed = masks["slot_by_op"][rows, op, index] if name == "slot" else head[rows, i, index]
         checks.append((name, allowed | ~relevance[:, i]))  # irrelevant heads are never checked
     for name, ok in checks:
         if not bool(ok.all()):
             env = int((~ok).nonzero()[0, 0])
+            where = f"masks['slot_by_op'][env, {int(op[env])}]" if name == "slot" else f"masks['head'][env, {HEAD_NAMES.index(name)}]"
             raise ValueError(
-                f"action[{name!r}] = {int(action[name][env])} at env {env} is masked "
-                f"(op = {int(op[env])}); expected an index where mask_{name if name != 'slot' else 'slot_by_op[op]'} "
-                f"is True"
+                f"action[{name!r}] = {int(heads[name][env])} at env {env} is masked "
+                f"(op = {int(op[env])}); expected an index where {where} is True"
             )

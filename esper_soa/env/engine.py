@@ -24,7 +24,7 @@ from tensordict import TensorDict
 
 from esper_soa.core import step as core_step
 from esper_soa.core.config import MAX_SEED, EngineConfig
-from esper_soa.core.masks import compute_masks
+from esper_soa.core.masks import as_bool, compute_masks
 from esper_soa.core.rng import episode_seed
 from esper_soa.core.spec import HEAD_NAMES, SpecTables
 from esper_soa.core.state import State, as_dict, from_dict, make_state
@@ -108,18 +108,20 @@ class Engine:
         keys = episode_seed(self.base_seed, self.env_index, self.episode)
         self._state, self.aux, out = _bool_masks(self._reset_fn(self._state, self.aux, rows, keys))
         self.episode = self.episode + rows.to(torch.int64)
-        self.masks = _masks_of(out)
+        self.masks = out["masks"]
         self._started = True
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
-    def step(self, action: dict[str, torch.Tensor] | TensorDict) -> TensorDict:
-        """One decision + one host epoch for every env (SPEC §4). Does not auto-reset."""
+    def step(self, action: torch.Tensor | dict[str, torch.Tensor] | TensorDict) -> TensorDict:
+        """One decision + one host epoch for every env (SPEC §4). Does not auto-reset.
+
+        ``action``: ``[E, 8]`` integers (heads in ``HEAD_NAMES`` order, what the policy samples) or
+        one ``[E]`` tensor per head; the compiled step takes the ``[E, 8]`` int64 form."""
         if not self._started:
             raise RuntimeError("Engine.step called before Engine.reset()")
-        validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
-        action = {k: action[k].contiguous() for k in HEAD_NAMES}  # strides are guarded by compile
+        action = validate_action(action, self.masks, self.cfg, check_values=self.cfg.validate_actions)
         self._state, self.aux, out = _bool_masks(self._step_fn(self._state, self.aux, action))
-        self.masks = _masks_of(out)
+        self.masks = out["masks"]
         return TensorDict(out, batch_size=[self.cfg.n_envs], device=self.device)
 
     def state_dict(self) -> dict:
@@ -150,8 +152,9 @@ class Engine:
     _before = staticmethod(core_step.before_host)
     _after = staticmethod(core_step.after_host)
 
-    def _step(self, state: State, aux: dict, action: dict[str, torch.Tensor]) -> tuple[State, dict, dict]:
-        return core_step.step(state, aux, action, self.dynamics.advance, self.tables, self.cfg,
+    def _step(self, state: State, aux: dict, action: torch.Tensor) -> tuple[State, dict, dict]:
+        heads = dict(zip(HEAD_NAMES, action.unbind(-1)))  # [E, 8] -> the heads, inside the graph
+        return core_step.step(state, aux, heads, self.dynamics.advance, self.tables, self.cfg,
                               before=self._before, after=self._after)
 
     def _reset(self, state: State, aux: dict, rows: torch.Tensor, keys: torch.Tensor) -> tuple[State, dict, dict]:
@@ -196,8 +199,5 @@ def _put_rows(state: State, idx: torch.Tensor, rows: State) -> State:
 def _bool_masks(result: tuple[State, dict, dict[str, torch.Tensor]]) -> tuple[State, dict, dict[str, torch.Tensor]]:
     """The step/reset outputs with the uint8 mask flags as bool views (outside the graph: free)."""
     state, aux, out = result
-    return state, aux, {k: v.view(torch.bool) if k.startswith("mask_") else v for k, v in out.items()}
+    return state, aux, {**out, "masks": as_bool(out["masks"])}
 
-
-def _masks_of(out: dict[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:
-    return {k[len("mask_"):]: v for k, v in out.items() if k.startswith("mask_")}

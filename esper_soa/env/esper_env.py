@@ -8,7 +8,7 @@ to date. Partial resets go through the ``"_reset"`` key and ``torch.where`` insi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
@@ -18,7 +18,7 @@ from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv, Transform, TransformedEnv
 
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.masks import sample_masked_action
+from esper_soa.core.masks import head_views, sample_masked_action
 from esper_soa.core.spec import (
     DONE_KEYS,
     EMPTY_BLUEPRINT_INDEX,
@@ -28,11 +28,43 @@ from esper_soa.core.spec import (
     Blueprint,
     Op,
     head_sizes,
+    unstack_action,
 )
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.env.engine import Engine
 
 LOG_PROB_SUFFIXES = ("_log_prob", "_entropy")
+# engine-output entries EsperEnv passes through as they are (plus executed_op/success)
+OUTPUT_KEYS = ("observation", "blueprint_index", *OUTCOME_KEYS, "masks", "reward", *DONE_KEYS)
+
+
+def torchrl_output(out: TensorDictBase) -> TensorDict:
+    """EsperEnv's TorchRL keys for an ``Engine.step``/``reset`` output, without copies: what both
+    ``EsperEnv`` and the trainer's engine-direct collection hand on. ``executed_op``/``success``
+    say what the step actually did (an invalid action runs as WAIT with ``success`` False when
+    ``validate_actions`` is off); a reset reports WAIT, succeeded. ``masks`` is the engine's
+    ``{head, slot_by_op}`` as it comes."""
+    batch_size, device = out.batch_size, out.device
+    executed = out.get("executed_op", None)
+    if executed is None:
+        executed = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        success = torch.ones(batch_size, dtype=torch.bool, device=device)
+    else:
+        success = out.get("success") > 0
+    return TensorDict(
+        {
+            **{k: out.get(k) for k in OUTPUT_KEYS},
+            "executed_op": executed,
+            "success": success,
+        },
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+def action_td(action: torch.Tensor, batch_size: Sequence[int], device: torch.device) -> TensorDict:
+    """``{"action": {head: [...]}}`` from an ``[..., 8]`` action: column views, no copies."""
+    return TensorDict({"action": unstack_action(action)}, batch_size=batch_size, device=device)
 
 
 class LiveMaskCategorical(Categorical):
@@ -73,19 +105,19 @@ class LiveMaskCategorical(Categorical):
 class EsperActionSpec(Composite):
     """The eight action heads; ``rand()`` samples op first, then a slot that op allows (SPEC §9).
 
-    The per-head masks are the leaves' masks; the op-conditioned slot mask ``slot_by_op``
-    (``[*shape, 6, S]``) is read live from the engine (``slot_by_op_fn``) or set statically
-    (``set_masks``, used by :class:`EsperActionMask` on batched envs).
+    The env's ``masks`` (``head`` ``[*shape, 8, K]``, ``slot_by_op`` ``[*shape, 6, S]``) are read
+    live from the engine (``masks_fn``) or set statically (``set_masks``, used by
+    :class:`EsperActionMask` on batched envs); the leaves' masks are views of ``head``.
     """
 
-    slot_by_op_fn = None
-    slot_by_op = None
+    masks_fn = None
+    masks = None
 
     def _copy_masks(self, out: Composite) -> EsperActionSpec:
         if not isinstance(out, EsperActionSpec):
             out = EsperActionSpec(dict(out.items()), shape=out.shape, device=out.device)
         if out.shape == self.shape:
-            out.slot_by_op_fn, out.slot_by_op = self.slot_by_op_fn, self.slot_by_op
+            out.masks_fn, out.masks = self.masks_fn, self.masks
         return out
 
     def clone(self) -> EsperActionSpec:
@@ -98,27 +130,25 @@ class EsperActionSpec(Composite):
         return self._copy_masks(super().expand(*shape))
 
     def set_masks(self, masks: TensorDictBase | dict[str, torch.Tensor]) -> None:
-        """Static masks (the env's ``masks`` entry) for every head and for ``slot_by_op``."""
-        for name in HEAD_NAMES:
-            self[name].update_mask(masks[name] if name != "slot" else masks["slot_by_op"].any(-2))
-        self.slot_by_op = masks["slot_by_op"]
+        """Static masks (the env's ``masks`` entry): every head's leaf gets its view of ``head``."""
+        for name, view in head_views(masks).items():
+            self[name].update_mask(view)
+        self.masks = {k: masks[k] for k in MASK_KEYS}
 
     def current_masks(self) -> dict[str, torch.Tensor]:
-        """The masks ``rand`` samples under, as the env's ``masks`` entry names them."""
-        by_op = self.slot_by_op_fn() if self.slot_by_op_fn is not None else self.slot_by_op
-        masks = {name: self[name].mask for name in HEAD_NAMES if name != "slot"}
-        if by_op is None or any(m is None for m in masks.values()):
+        """The masks ``rand`` samples under (the env's ``masks`` entry)."""
+        masks = self.masks_fn() if self.masks_fn is not None else self.masks
+        if masks is None:
             raise RuntimeError(
                 "EsperActionSpec.rand: expected live or set masks, got none (a batched env's spec is a copy "
                 "that cannot see its workers' engines: wrap it as TransformedEnv(batched_env, EsperActionMask()))"
             )
-        return {**masks, "slot_by_op": by_op}
+        return masks
 
     def rand(self, shape: torch.Size | None = None) -> TensorDictBase:
         shape = torch.Size(shape or ())
         masks = {k: m.expand(*shape, *m.shape) for k, m in self.current_masks().items()}
-        action = sample_masked_action(masks)
-        return TensorDict(action, batch_size=[*shape, *self.shape], device=self.device)
+        return TensorDict(unstack_action(sample_masked_action(masks)), [*shape, *self.shape], device=self.device)
 
 
 class EsperActionMask(Transform):
@@ -207,7 +237,7 @@ class EsperEnv(EnvBase):
             shape=(e,),
             device=dev,
         )
-        heads.slot_by_op_fn = lambda: self.engine.masks["slot_by_op"]
+        heads.masks_fn = lambda: self.engine.masks
         self.action_spec = Composite(action=heads, shape=(e,), device=dev)
         self.observation_spec = Composite(
             observation=Unbounded(shape=(e, self.cfg.obs_dim), dtype=torch.float32, device=dev),
@@ -233,38 +263,11 @@ class EsperEnv(EnvBase):
         )
 
     def _head_mask(self, name: str):
-        """The live mask of one action head; the slot head gets the union over ops (its
-        op-conditioned rows are ``masks["slot_by_op"]``)."""
-        if name == "slot":
-            return lambda: self.engine.masks["slot_by_op"].any(1)
-        return lambda: self.engine.masks[name]
+        """The live mask of one action head: a zero-copy view of the engine's ``masks["head"]``
+        (the slot head's is the union over ops; its op-conditioned rows are ``slot_by_op``)."""
+        return lambda: head_views(self.engine.masks)[name]
 
     # --- EnvBase hooks --------------------------------------------------------------------
-    def _output(self, out: TensorDict) -> TensorDict:
-        """TorchRL's keys for an engine output; ``executed_op``/``success`` say what the step
-        actually did (an invalid action runs as WAIT with ``success`` False when
-        ``validate_actions`` is off); a reset reports WAIT, succeeded."""
-        executed = out.get("executed_op", None)
-        if executed is None:
-            executed = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
-            success = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
-        else:
-            success = out["success"] > 0
-        td = TensorDict(
-            {
-                "observation": out["observation"],
-                "blueprint_index": out["blueprint_index"],
-                **{k: out[k] for k in OUTCOME_KEYS},
-                "executed_op": executed,
-                "success": success,
-                "masks": TensorDict({k: out[f"mask_{k}"] for k in MASK_KEYS}, batch_size=self.batch_size),
-                "reward": out["reward"],
-                **{k: out[k] for k in DONE_KEYS},
-            },
-            batch_size=self.batch_size,
-            device=self.device,
-        )
-        return td
 
     def _reset_rows(self, tensordict: TensorDictBase | None) -> torch.Tensor | None:
         """The ``"_reset"`` entry as ``[E]`` bool (``[E]`` or ``[E, 1]`` accepted), or None."""
@@ -280,7 +283,7 @@ class EsperEnv(EnvBase):
         return rows.reshape(e)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
-        td = self._output(self.engine.reset(self._reset_rows(tensordict)))
+        td = torchrl_output(self.engine.reset(self._reset_rows(tensordict)))
         del td["reward"]
         return td
 
@@ -296,7 +299,7 @@ class EsperEnv(EnvBase):
         # TorchRL's composite distributions write per-head ("action", "<head>_log_prob") entries
         # beside the heads: those are not action heads; any other extra key is refused
         heads = {k: v for k, v in action.items() if not (isinstance(k, str) and k.endswith(LOG_PROB_SUFFIXES))}
-        return self._output(self.engine.step(heads))
+        return torchrl_output(self.engine.step(heads))
 
     def _set_seed(self, seed: int | None) -> None:
         seed = 0 if seed is None else int(seed)
@@ -307,7 +310,7 @@ class EsperEnv(EnvBase):
     def maybe_reset(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Reset the done rows in place of TorchRL's ``any()`` check: no host sync per step."""
         rows = tensordict.get("done").reshape(self.cfg.n_envs)
-        fresh = self._output(self.engine.reset(rows))
+        fresh = torchrl_output(self.engine.reset(rows))
         del fresh["reward"]
         tensordict.update(fresh)
         return tensordict
@@ -315,8 +318,7 @@ class EsperEnv(EnvBase):
     def rand_action(self, tensordict: TensorDictBase | None = None) -> TensorDictBase:
         """A random action valid in the env's current state (the masks on the action specs),
         the slot drawn after the op (SPEC §9)."""
-        action = sample_masked_action(self.engine.masks, self._generator)
-        td = TensorDict({"action": action}, batch_size=self.batch_size, device=self.device)
+        td = action_td(sample_masked_action(self.engine.masks, self._generator), self.batch_size, self.device)
         if tensordict is None:
             return td
         tensordict.update(td)

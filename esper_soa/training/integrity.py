@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from esper_soa.agents.adversaries import adversary_config, adversary_step, wait_action
-from esper_soa.agents.baselines import CONTROLLERS
+from esper_soa.agents.baselines import CONTROLLERS, RandomMaskedPolicy
 from esper_soa.agents.heuristic import HeuristicController
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.masks import sample_masked_action
 from esper_soa.core.spec import GAMMA, Stage
 from esper_soa.env.engine import Engine
 
@@ -45,19 +44,19 @@ def run_controller(name: str, cfg: EngineConfig) -> Row:
     eng = Engine(cfg)
     out = eng.reset()
     heuristic = HeuristicController(cfg, compile=False) if name == "heuristic" else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    uniform = RandomMaskedPolicy(cfg.seed, cfg.device) if name == "random" else None
     acfg = adversary_config(name) if name not in ("random", "heuristic", "wait") else None
     ret = torch.zeros(cfg.n_envs, dtype=torch.float64)
     disc = torch.zeros(cfg.n_envs, dtype=torch.float64)
     for t in range(cfg.max_epochs):
         masks = eng.masks
-        state = eng.state.to_dict()
+        state = eng.lifecycle_state
         if heuristic is not None:
             action = heuristic.act(state, masks)
         elif acfg is not None:
             action = adversary_step(state, masks, acfg, cfg)
         elif name == "random":
-            action = sample_masked_action(masks, gen)
+            action = uniform.act(state, masks)
         else:
             action = wait_action(masks)
         out = eng.step(action)

@@ -42,7 +42,7 @@ from esper_soa.agents.loss import ENTROPY_MULTIPLIERS, GAE_LAMBDA, FactoredPPOLo
 from esper_soa.agents.policy import RECURRENT_KEYS, ActorCritic, RewardNormalizer
 from esper_soa.agents.sampling import SAMPLE_KEY, env_keys, step_keys
 from esper_soa.core.config import EngineConfig
-from esper_soa.core.spec import GAMMA, HEAD_NAMES, MASK_KEYS, OUTCOME_KEYS, Op
+from esper_soa.core.spec import DONE_KEYS, GAMMA, HEAD_NAMES, OUTCOME_KEYS, Op
 from esper_soa.core.validation import (
     expect_bool,
     expect_choice,
@@ -51,11 +51,12 @@ from esper_soa.core.validation import (
 )
 from esper_soa.dynamics.base import DynamicsBackend
 from esper_soa.env.engine import Engine
-from esper_soa.env.esper_env import EsperEnv
+from esper_soa.env.esper_env import EsperEnv, torchrl_output
 from esper_soa.training.distributed import Comm
 from esper_soa.training.run_files import METRICS_DIR, atomic_save, log_row, run_loggers, trim_scalars
 
 COLLECTORS = ("engine", "torchrl")
+POLICY_INPUTS = ("observation", "blueprint_index", "masks")  # what the policy reads of an env output
 TIMING_KEYS = ("sps", "collect_s", "update_s", "time_s")  # wall-clock metrics (not reproducible)
 CHECKPOINT_VERSION = 1
 
@@ -198,16 +199,6 @@ def make_loss(cfg: TrainConfig, model: ActorCritic) -> FactoredPPOLoss:
     )
 
 
-def _observation_td(out: TensorDictBase, batch_size: torch.Size) -> TensorDict:
-    """The policy's inputs from an ``Engine.step``/``reset`` output (EsperEnv's key layout)."""
-    masks = TensorDict({k: out.get(f"mask_{k}") for k in MASK_KEYS}, batch_size=batch_size)
-    return TensorDict(
-        {"observation": out.get("observation"), "blueprint_index": out.get("blueprint_index"), "masks": masks},
-        batch_size=batch_size,
-        device=out.device,
-    )
-
-
 def rollout_summary(batch: TensorDictBase, max_epochs: int) -> dict[str, torch.Tensor]:
     """Episode and op statistics of an ``[E, T]`` rollout, as tensors (one host sync later).
 
@@ -294,28 +285,19 @@ class Trainer:
             return self._collect_torchrl()
         engine = self.engine
         if self._carry is None:
-            self._carry = self._fresh_carry(engine.reset())
+            self._carry = self._fresh_carry(torchrl_output(engine.reset()))
         steps = []
         for t in range(self.cfg.steps_per_update):
             self._carry.set(SAMPLE_KEY, step_keys(self._sample_keys, self.update_index * self.cfg.steps_per_update + t))
             td = self.model.act(self._carry)
-            out = engine.step({h: td.get(("action", h)) for h in HEAD_NAMES})
-            done = out.get("done")
-            for key, value in (
-                ("observation", out.get("observation")),
-                ("reward", out.get("reward")),
-                ("done", done),
-                ("terminated", out.get("terminated")),
-                ("truncated", out.get("truncated")),
-                ("episode_reward", out.get("episode_return")[:, None]),
-                *((k, out.get(k)) for k in OUTCOME_KEYS),  # [E], as EsperEnv emits them
-            ):
-                td.set(("next", key), value)  # beside the LSTM's ("next", state) entries
+            out = engine.step(td.get("action"))
+            nxt = torchrl_output(out)
+            for key in ("observation", "reward", *DONE_KEYS, *OUTCOME_KEYS):
+                td.set(("next", key), nxt.get(key))  # beside the LSTM's ("next", state) entries
+            td.set(("next", "episode_reward"), out.get("episode_return")[:, None])  # RewardSum's key
             steps.append(td)
-            rows = done.squeeze(-1)
-            if bool(rows.any()):  # lock-step episodes: a reset is needed on few steps only
-                out = engine.reset(rows)
-            self._carry = self._next_carry(td, out, rows)
+            rows = nxt.get("done").squeeze(-1)
+            self._carry = self._next_carry(td, self._reset_done(rows, nxt), rows)
         batch = torch.stack(steps, dim=1)
         # bootstrap value of the state after the rollout (ignored where the last step was done)
         last_value = self.model.critic(self._carry.clone()).get("state_value")
@@ -323,15 +305,26 @@ class Trainer:
         batch.set(("next", "state_value"), torch.cat([value[:, 1:], last_value[:, None]], dim=1))
         return batch
 
+    def _reset_done(self, rows: torch.Tensor, nxt: TensorDict) -> TensorDict:
+        """The env outputs the next decision sees: ``nxt``, with the ``rows`` that just ended reset.
+
+        Asks the device whether any row ended (one host read per step): episodes run in lock-step,
+        so a reset is needed on few steps only, while ``Engine.reset`` is one fixed-shape graph that
+        runs a host epoch for every env. Resetting every step instead (sync-free) is not measured
+        yet (bench/RESULTS.md, "One mask and action layout")."""
+        if bool(rows.any()):
+            return torchrl_output(self.engine.reset(rows))
+        return nxt
+
     def _fresh_carry(self, out: TensorDictBase) -> TensorDict:
-        carry = _observation_td(out, self.batch_size)
+        carry = out.select(*POLICY_INPUTS)
         if self.model.lstm is not None:
             carry.update(self.model.initial_state(self.batch_size[0], self.device))
             carry.set("is_init", torch.ones(*self.batch_size, 1, dtype=torch.bool, device=self.device))
         return carry
 
     def _next_carry(self, td: TensorDict, out: TensorDictBase, rows: torch.Tensor) -> TensorDict:
-        carry = _observation_td(out, self.batch_size)
+        carry = out.select(*POLICY_INPUTS)
         if self.model.lstm is not None:
             keep = ~rows[:, None, None]
             for k in RECURRENT_KEYS:

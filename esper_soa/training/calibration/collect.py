@@ -25,7 +25,7 @@ CONTROLLERS = ("host_only", "heuristic", "random")
 class Controller(Protocol):
     """What :func:`collect_trajectories` drives: the HeuristicController's interface."""
 
-    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]: ...
 
     def reset(self, rows: torch.Tensor | None = None) -> None: ...
 
@@ -35,10 +35,10 @@ class MaskController:
     :func:`~esper_soa.core.masks.sample_masked_action` on its own seeded generator) or ``host_only``
     (always WAIT: the host learns alone, the reference for the host curve and for seed gains)."""
 
-    def __init__(self, policy: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, policy: Callable[[dict[str, torch.Tensor]], torch.Tensor | dict[str, torch.Tensor]]) -> None:
         self.policy = policy
 
-    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def act(self, state: Any, masks: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         return self.policy(masks)
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
