@@ -22,11 +22,7 @@ import torch
 from esper_soa.core.config import EngineConfig
 from esper_soa.core.lifecycle import germinate_allowed, op_rules
 from esper_soa.core.spec import (
-    ALPHA_TARGET_DEFAULT,
-    ALPHA_TARGETS,
-    FIXED_HEAD_SIZES,
     HEAD_NAMES,
-    STYLE_DEFAULT,
     Op,
     SpecTables,
     head_sizes,
@@ -49,11 +45,12 @@ def mask_flags(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str,
     helper, about 10x slower than a uint8 store; a bool *view* of uint8 costs nothing, but only
     outside the compiled graph (inside it, the view is a bitcasting copy).
 
-    Why one ``[E]`` expression per mask entry, stacked once head-major (``[8K, E]``, ``[6S, E]``)
-    and returned as permuted ``[E, ...]`` views: inductor then writes every entry as a
-    full-width vector over envs in one fused kernel. Building rows with ``cat`` of padding, or
-    env-major, measured 2-8x slower at E = 4096 (bench/RESULTS.md); consumers index by env,
-    head and entry and never need the rows contiguous.
+    Why gathered from a few source rows (``spec.head_mask_sources``) and built head-major
+    (``[8K, E]``, ``[6S, E]``, returned as permuted ``[E, ...]`` views): every write is then a
+    full-width vector over envs, and the build is a handful of ops, fast both compiled and eager.
+    Padding per head with ``cat``, stacking bools, or one op per entry measured 1.5-8x slower
+    (bench/RESULTS.md, "One mask layout"); consumers index by env, head and entry and never need
+    the rows contiguous.
     """
     sl = state["slots"]
     stage = sl["stage"]
@@ -64,27 +61,10 @@ def mask_flags(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str,
     on_any_slot = [functools.reduce(torch.logical_or, r.unbind(0)) for r in rows]  # [E] per op
     styled = on_any_slot[int(Op.GERMINATE)] | on_any_slot[int(Op.SET_ALPHA_TARGET)]
     false, true = torch.zeros_like(styled), torch.ones_like(styled)
-
-    def constant(valid: torch.Tensor) -> list[torch.Tensor]:  # one [n] row, the same for every env
-        return [v.expand(n_envs) for v in valid.unbind(0)]
-
-    def all_or_default(n: int, default: int) -> list[torch.Tensor]:  # every entry where styled, else the default
-        return [true if i == default else styled for i in range(n)]
-
-    by_head = {
-        "op": on_any_slot,
-        "slot": list(functools.reduce(torch.logical_or, rows).unbind(0)),
-        "blueprint": constant(tables.blueprint_valid),
-        "style": all_or_default(FIXED_HEAD_SIZES["style"], int(STYLE_DEFAULT)),
-        "tempo": [true] * FIXED_HEAD_SIZES["tempo"],
-        "alpha_target": all_or_default(len(ALPHA_TARGETS), ALPHA_TARGET_DEFAULT),
-        "alpha_speed": [true] * FIXED_HEAD_SIZES["alpha_speed"],
-        "alpha_curve": [true] * FIXED_HEAD_SIZES["alpha_curve"],
-    }
-    width = mask_width(n_slots)
-    entries = [e for name in HEAD_NAMES for e in by_head[name] + [false] * (width - len(by_head[name]))]
+    sources = [*on_any_slot, *functools.reduce(torch.logical_or, rows).unbind(0), styled, false, true]
+    head = torch.stack([_flags(r) for r in sources]).index_select(0, tables.head_mask_sources)
     return {  # stacks of flags, never of bools: a stack is a materialized buffer
-        "head": torch.stack([_flags(e) for e in entries]).view(len(HEAD_NAMES), width, n_envs).permute(2, 0, 1),
+        "head": head.view(len(HEAD_NAMES), -1, n_envs).permute(2, 0, 1),
         "slot_by_op": torch.stack([_flags(r) for r in rows]).permute(2, 0, 1),
     }
 

@@ -130,6 +130,28 @@ def head_sizes(n_slots: int) -> dict[str, int]:
     return {name: (n_slots if name == "slot" else FIXED_HEAD_SIZES[name]) for name in HEAD_NAMES}
 
 
+def head_mask_sources(n_slots: int, blueprint_valid: tuple[bool, ...]) -> list[int]:
+    """Where each entry of the padded head mask (``[8, K]`` flattened, SPEC §9) comes from: an index
+    into the per-env source rows ``[op 0..5 | slot 0..S-1 (union over ops) | styled | 0 | 1]``
+    that ``masks.mask_flags`` gathers. Blueprints are fixed by the topology; style and
+    alpha_target are free only where an op that uses them (GERMINATE, SET_ALPHA_TARGET) is
+    allowed, else only their default; tempo, alpha_speed and alpha_curve are always free;
+    padding is 0."""
+    styled, zero, one = len(Op) + n_slots, len(Op) + n_slots + 1, len(Op) + n_slots + 2
+    by_head = {
+        "op": list(range(len(Op))),
+        "slot": list(range(len(Op), len(Op) + n_slots)),
+        "blueprint": [one if valid else zero for valid in blueprint_valid],
+        "style": [one if i == int(STYLE_DEFAULT) else styled for i in range(len(Style))],
+        "tempo": [one] * len(TEMPO_EPOCHS),
+        "alpha_target": [one if i == ALPHA_TARGET_DEFAULT else styled for i in range(len(ALPHA_TARGETS))],
+        "alpha_speed": [one] * len(ALPHA_SPEED_TICKS),
+        "alpha_curve": [one] * len(AlphaCurve),
+    }
+    width = max(head_sizes(n_slots).values())
+    return [i for name in HEAD_NAMES for i in by_head[name] + [zero] * (width - len(by_head[name]))]
+
+
 # Causal relevance of heads per op (SPEC §9): rows = op, in HEAD_NAMES order.
 _RELEVANT_HEADS = {
     Op.WAIT: {"op"},
@@ -263,7 +285,7 @@ class SpecTables:
         self.style_algorithm = torch.tensor([int(a) for a in STYLE_ALGORITHM], **i64)
         enabled = enabled_slots if enabled_slots is not None else (True,) * n_slots
         self.slot_enabled = torch.tensor(enabled, dtype=torch.bool, device=dev)
-        self.all_true = torch.ones(max(FIXED_HEAD_SIZES.values()), dtype=torch.bool, device=dev)
+        self.head_mask_sources = torch.tensor(head_mask_sources(n_slots, tuple(valid.tolist())), **i64)
         self.head_relevance = torch.tensor(HEAD_RELEVANCE, dtype=torch.bool, device=dev)
 
 

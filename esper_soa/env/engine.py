@@ -63,7 +63,9 @@ class Engine:
         self.env_index = torch.arange(cfg.env_offset, cfg.env_offset + cfg.n_envs, device=self.device)
         self.episode = torch.zeros(cfg.n_envs, dtype=torch.int64, device=self.device)
         self._fresh = as_dict(make_state(cfg, self.device))
-        self._state: State = self._fresh
+        # its own tensors, not ``_fresh``: a first reset whose state *is* ``_fresh`` would be traced
+        # for that aliasing and the next reset compiled again (minutes of inductor time on a CPU)
+        self._state: State = as_dict(make_state(cfg, self.device))
         self.aux = self.dynamics.init_aux(cfg.n_envs, cfg.seed)
         opts = cfg.compile_options
         self._step_fn, self._reset_fn = self._step, self._reset
