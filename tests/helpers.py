@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from esper_soa.core.masks import head_views, mask_width
+from esper_soa.core.masks import head_views
 from esper_soa.core.spec import (
     HEAD_NAMES,
     METRIC_FIELDS,
@@ -14,6 +14,7 @@ from esper_soa.core.spec import (
     Op,
     Style,
     head_sizes,
+    mask_width,
 )
 from esper_soa.dynamics.synthetic import synthetic_metrics, weighted_masked_action
 

@@ -13,13 +13,13 @@ from esper_soa.core.masks import (
     compute_masks,
     head_views,
     mask_flags,
-    mask_width,
 )
 from esper_soa.core.spec import (
     HEAD_NAMES,
     HEAD_RELEVANCE,
     SpecTables,
     head_sizes,
+    mask_width,
     stack_action,
 )
 from esper_soa.core.state import as_dict, make_state

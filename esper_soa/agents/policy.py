@@ -42,6 +42,7 @@ from esper_soa.core.spec import (
     OBS_SLOT,
     Blueprint,
     head_sizes,
+    mask_width,
     stack_action,
     unstack_action,
 )
@@ -218,7 +219,7 @@ class Heads(nn.Module):
     def __init__(self, features: int, n_slots: int, value_norm: ValueNormalizer | None) -> None:
         super().__init__()
         sizes = list(head_sizes(n_slots).values())
-        self.width = max(sizes)
+        self.width = mask_width(n_slots)
         self.logits = _init(nn.Linear(features, sum(sizes)), 0.01)
         self.value = _init(nn.Linear(features, 1), 1.0)
         self.value_norm = value_norm

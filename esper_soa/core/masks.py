@@ -32,11 +32,6 @@ from esper_soa.core.state import State
 SLOT = HEAD_NAMES.index("slot")
 
 
-def mask_width(n_slots: int) -> int:
-    """K: the padded width of the ``head`` mask (and of the policy's logits)."""
-    return max(head_sizes(n_slots).values())
-
-
 def mask_flags(state: State, tables: SpecTables, cfg: EngineConfig) -> dict[str, torch.Tensor]:
     """``head`` ``[E, 8, K]`` and ``slot_by_op`` ``[E, 6, S]`` as uint8 0/1 flags: the form the
     compiled step emits (the engine hands them out as bool views, see :func:`as_bool`).

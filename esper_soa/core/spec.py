@@ -130,6 +130,11 @@ def head_sizes(n_slots: int) -> dict[str, int]:
     return {name: (n_slots if name == "slot" else FIXED_HEAD_SIZES[name]) for name in HEAD_NAMES}
 
 
+def mask_width(n_slots: int) -> int:
+    """K: the padded width of the ``head`` mask and of the policy's logits (the largest head)."""
+    return max(head_sizes(n_slots).values())
+
+
 def head_mask_sources(n_slots: int, blueprint_valid: tuple[bool, ...]) -> list[int]:
     """Where each entry of the padded head mask (``[8, K]`` flattened, SPEC §9) comes from: an index
     into the per-env source rows ``[op 0..5 | slot 0..S-1 (union over ops) | styled | 0 | 1]``
@@ -148,7 +153,7 @@ def head_mask_sources(n_slots: int, blueprint_valid: tuple[bool, ...]) -> list[i
         "alpha_speed": [one] * len(ALPHA_SPEED_TICKS),
         "alpha_curve": [one] * len(AlphaCurve),
     }
-    width = max(head_sizes(n_slots).values())
+    width = mask_width(n_slots)
     return [i for name in HEAD_NAMES for i in by_head[name] + [zero] * (width - len(by_head[name]))]
 
 
